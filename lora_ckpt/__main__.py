@@ -1,0 +1,7 @@
+"""``python -m lora_ckpt`` runs the CLI."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

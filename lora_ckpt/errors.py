@@ -1,0 +1,224 @@
+"""Every error lora-ckpt raises on purpose.
+
+Each class also subclasses the builtin a caller would naturally catch (``ValueError``,
+``FileNotFoundError``, ...), carries the offending fields as attributes, and has a one-line
+message saying what was found, what was expected and what to do. The CLI turns any
+:class:`LoraCkptError` into that one line and its ``exit_code``.
+
+Exit codes: 0 ok, 1 refused input (any :class:`LoraCkptError`), 2 usage, 3 verification
+found a difference, 4 a hub request failed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "AmbiguousCheckpointError",
+    "AmbiguousKeyError",
+    "AmbiguousLayoutError",
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "ConversionError",
+    "HubError",
+    "IncompleteAdapterError",
+    "KeyMismatchError",
+    "LayoutError",
+    "LoraCkptError",
+    "LossyConversionError",
+    "MergedLayerError",
+    "MissingConfigError",
+    "OutputExistsError",
+    "OutputPathError",
+    "ShapeMismatchError",
+    "StateDictError",
+    "TargetNotFoundError",
+    "UnknownLayoutError",
+    "UnsafeCheckpointError",
+    "UnsupportedAdapterError",
+    "UsageError",
+    "VerificationError",
+    "quote_list",
+]
+
+
+def quote_list(items: Iterable[Any], limit: int = 5) -> str:
+    """Quote items for a message, capped: ``'a', 'b', 'c' and 37 more``."""
+    items = list(items)
+    shown = ", ".join(repr(str(i)) for i in items[:limit])
+    if len(items) > limit:
+        shown += f" and {len(items) - limit} more"
+    return shown or "(none)"
+
+
+class LoraCkptError(Exception):
+    """Base class of every error lora-ckpt raises on purpose."""
+
+    exit_code: int = 1
+
+
+class UsageError(LoraCkptError, ValueError):
+    """Arguments that cannot work together (the CLI's usage errors)."""
+
+    exit_code = 2
+
+
+# --------------------------------------------------------------------------------- files
+class CheckpointNotFoundError(LoraCkptError, FileNotFoundError):
+    """No checkpoint where one was expected."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str]) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CheckpointFormatError(LoraCkptError, ValueError):
+    """A file that is not what it claims to be (truncated, malformed header, bad JSON...)."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+
+
+class UnsafeCheckpointError(CheckpointFormatError):
+    """A pickle that would need to run code to load; it is never unpickled."""
+
+
+class AmbiguousCheckpointError(LoraCkptError, ValueError):
+    """A directory with several candidate weight files and no way to choose."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str], candidates: list[str]) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+        self.candidates = candidates
+
+
+class ConfigError(CheckpointFormatError):
+    """A configuration file (adapter_config.json, params.json, config.json) that is wrong."""
+
+
+class OutputPathError(LoraCkptError, ValueError):
+    """An output path that cannot be used (inside the input, not writable...)."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str]) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """The output exists and ``force`` was not given."""
+
+
+# ---------------------------------------------------------------------- state dicts
+class StateDictError(LoraCkptError, ValueError):
+    """A state dict that does not fit the model or layer it is loaded into."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ShapeMismatchError(StateDictError):
+    """A tensor whose shape differs from the parameter it is loaded into."""
+
+    def __init__(self, message: str, *, key: str, expected: tuple[int, ...], found: tuple[int, ...]) -> None:
+        super().__init__(message, key=key)
+        self.expected = expected
+        self.found = found
+
+
+class IncompleteAdapterError(StateDictError):
+    """Half an adapter: ``lora_A`` without ``lora_B`` or the reverse."""
+
+
+class AmbiguousKeyError(StateDictError):
+    """Two keys of a checkpoint that both claim the same parameter."""
+
+
+class KeyMismatchError(StateDictError):
+    """A strict load whose checkpoint misses keys of the model or has keys it does not know."""
+
+    def __init__(self, message: str, *, missing: list[str], unexpected: list[str]) -> None:
+        super().__init__(message, key=(missing or unexpected or [None])[0])
+        self.missing = missing
+        self.unexpected = unexpected
+
+
+class MergedLayerError(LoraCkptError, RuntimeError):
+    """An operation that is wrong on a merged LoRA layer (or on an unmerged one)."""
+
+
+class TargetNotFoundError(LoraCkptError, ValueError):
+    """A LoRA target that matches no ``nn.Linear`` of the model."""
+
+    def __init__(self, message: str, *, targets: list[str], candidates: list[str]) -> None:
+        super().__init__(message)
+        self.targets = targets
+        self.candidates = candidates
+
+
+# -------------------------------------------------------------------------- layouts
+class LayoutError(LoraCkptError, ValueError):
+    """Base for problems with an adapter layout."""
+
+    def __init__(self, message: str, *, layout: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.layout = layout
+        self.path = path
+
+
+class UnknownLayoutError(LayoutError):
+    """Nothing in a file or directory looks like a known layout."""
+
+
+class AmbiguousLayoutError(LayoutError):
+    """Several layouts match; ``--from`` chooses."""
+
+    def __init__(self, message: str, *, candidates: list[str], path: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.candidates = candidates
+
+
+class UnsupportedAdapterError(LayoutError):
+    """A recognised adapter that lora-ckpt does not convert (AdaLoRA, legacy MergedLinear...)."""
+
+
+class ConversionError(LoraCkptError, ValueError):
+    """A conversion that cannot be done as asked."""
+
+
+class MissingConfigError(ConversionError):
+    """A conversion that needs model dimensions (head counts) that nothing supplied."""
+
+
+class LossyConversionError(ConversionError):
+    """The target layout cannot hold part of the adapter; ``allow_lossy`` drops it."""
+
+    def __init__(self, message: str, *, dropped: list[str]) -> None:
+        super().__init__(message)
+        self.dropped = dropped
+
+
+class VerificationError(LoraCkptError, AssertionError):
+    """Two adapters that do not compute the same update."""
+
+    exit_code = 3
+
+
+class HubError(LoraCkptError, OSError):
+    """A Hugging Face Hub request that failed (missing repo or file, no permission...)."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, repo_id: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -1,0 +1,79 @@
+"""Key dialects and key parsing, torch-free.
+
+:data:`KEY_DIALECTS` is the one table of how LoRA implementations name the parameters of a
+LoRA-wrapped Linear; ``LoRALinear`` accepts all of them when loading. :func:`split_key`
+parses a checkpoint key into (module path, adapter part, parameter) with an anchored
+pattern: keys are never substring-matched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["ADAPTER_PARAMS", "BASE_PARAMS", "KEY_DIALECTS", "KeyDialect", "split_key"]
+
+BASE_PARAMS = ("linear.weight", "linear.bias")
+ADAPTER_PARAMS = ("lora_A.weight", "lora_B.weight")
+
+
+@dataclass(frozen=True)
+class KeyDialect:
+    """How one implementation names the parameters of a LoRA-wrapped Linear.
+
+    ``keys`` maps our parameter name (``linear.weight``, ``linear.bias``, ``lora_A.weight``,
+    ``lora_B.weight``) to the suffix that implementation uses under the module's prefix.
+    """
+
+    name: str
+    keys: Mapping[str, str]
+
+
+#: Every key dialect a ``LoRALinear`` accepts when loading. Add a dialect here, nowhere else.
+KEY_DIALECTS: tuple[KeyDialect, ...] = (
+    KeyDialect("lora_ckpt", {p: p for p in BASE_PARAMS + ADAPTER_PARAMS}),
+    KeyDialect("stock", {"linear.weight": "weight", "linear.bias": "bias"}),
+    KeyDialect("peft", {"linear.weight": "base_layer.weight", "linear.bias": "base_layer.bias",
+                        "lora_A.weight": "lora_A.weight", "lora_B.weight": "lora_B.weight"}),
+    KeyDialect("torchtune", {"linear.weight": "weight", "linear.bias": "bias",
+                             "lora_A.weight": "lora_a.weight", "lora_B.weight": "lora_b.weight"}),
+    KeyDialect("mistral-finetune", {"linear.weight": "frozen_W.weight",
+                                    "lora_A.weight": "lora_A.weight", "lora_B.weight": "lora_B.weight"}),
+    KeyDialect("loralib", {"linear.weight": "weight", "linear.bias": "bias",
+                           "lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}),
+    KeyDialect("llmbook", {"linear.weight": "weight", "linear.bias": "bias",
+                           "lora_A.weight": "A.weight", "lora_B.weight": "B.weight"}),
+)
+
+
+def _aliases() -> dict[str, tuple[str, ...]]:
+    """Our parameter name -> every suffix that may carry it, in table order, de-duplicated."""
+    out: dict[str, list[str]] = {p: [] for p in BASE_PARAMS + ADAPTER_PARAMS}
+    for dialect in KEY_DIALECTS:
+        for ours, theirs in dialect.keys.items():
+            if theirs not in out[ours]:
+                out[ours].append(theirs)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+_ALIASES = _aliases()
+
+#: Adapter leaves (the part after the module path) that any known layout uses.
+ADAPTER_LEAVES = (
+    "lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_a.weight", "lora_b.weight", "lora_A", "lora_B",
+    "lora_a", "lora_b", "lora_magnitude_vector", "magnitude", "lora_embedding_A", "lora_embedding_B",
+    "A.weight", "B.weight", "lora_down.weight", "lora_up.weight", "dora_scale",
+)
+_LEAF_RE = re.compile(r"^(?P<module>.+?)\.(?P<leaf>" + "|".join(
+    re.escape(x) for x in sorted(ADAPTER_LEAVES, key=len, reverse=True)) + r")$")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """``"model.layers.0.q_proj.lora_A.weight"`` -> ``("model.layers.0.q_proj", "lora_A.weight")``.
+
+    Returns None for a key that is not an adapter tensor of any known layout. The match is
+    anchored at the end and at a dot boundary.
+    """
+    m = _LEAF_RE.match(key)
+    return (m["module"], m["leaf"]) if m else None
