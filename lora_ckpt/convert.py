@@ -1,0 +1,192 @@
+"""``convert`` and ``verify``: every conversion is checked numerically, module by module.
+
+Verification compares the effective update ``ΔW = scale·B@A`` of every module (and DoRA
+magnitudes, LoRA biases, ``fan_in_fan_out`` and full tensors) between two canonical adapters,
+whatever layouts they came from. Small modules are compared exactly in float64; large ones
+through their low-rank Gram matrices (``‖ΔW_a − ΔW_b‖_F`` from (r×r) products, never
+materialising ΔW).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import Adapter, ModuleLoRA
+from .errors import quote_list
+from .families import ModelConfig
+from .files import PathLike
+from .layouts import detect_layout, load_adapter, save_adapter
+
+__all__ = ["ConvertResult", "VerifyReport", "compare_adapters", "convert", "verify"]
+
+logger = logging.getLogger(__name__)
+
+EXPLICIT_LIMIT = 1 << 22  # out*in up to 4M elements: compare ΔW explicitly
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of comparing two adapters."""
+
+    tolerance: float
+    worst: float = 0.0
+    worst_module: str | None = None
+    modules: dict[str, float] = field(default_factory=dict)  # module -> relative difference
+    only_a: list[str] = field(default_factory=list)
+    only_b: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.only_a and not self.only_b and not self.problems and self.worst <= self.tolerance
+
+    def summary(self) -> str:
+        head = (f"{len(self.modules)} module(s) compared, worst relative difference {self.worst:.2e}"
+                + (f" ({self.worst_module})" if self.worst_module and self.worst > 0 else "")
+                + f", tolerance {self.tolerance:.0e}")
+        parts = [head]
+        if self.only_a:
+            parts.append(f"only in the first: {quote_list(self.only_a)}")
+        if self.only_b:
+            parts.append(f"only in the second: {quote_list(self.only_b)}")
+        parts += self.problems[:5]
+        return "; ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "tolerance": self.tolerance, "worst": self.worst, "worst_module": self.worst_module,
+                "modules": self.modules, "only_a": self.only_a, "only_b": self.only_b, "problems": self.problems}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    denom = max(a.abs().max().item() if a.numel() else 0.0, b.abs().max().item() if b.numel() else 0.0)
+    diff = (a - b).abs().max().item() if a.numel() else 0.0
+    return 0.0 if diff == 0 else (diff / denom if denom else math.inf)
+
+
+def _delta_rel(a: ModuleLoRA, b: ModuleLoRA) -> float:
+    """Relative difference of the two updates (max-norm when explicit, Frobenius via Grams)."""
+    if a.scale == b.scale and a.A.shape == b.A.shape and torch.equal(a.A, b.A) and torch.equal(a.B, b.B):
+        return 0.0
+    out, inn = a.B.shape[0], a.A.shape[1]
+    if out * inn <= EXPLICIT_LIMIT:
+        da = (a.B.double() @ a.A.double()) * a.scale
+        db = (b.B.double() @ b.A.double()) * b.scale
+        return _rel(da, db)
+    Aa, Ba, Ab, Bb = a.A.double(), a.B.double(), b.A.double(), b.B.double()
+    naa = a.scale ** 2 * torch.trace((Ba.T @ Ba) @ (Aa @ Aa.T)).item()
+    nbb = b.scale ** 2 * torch.trace((Bb.T @ Bb) @ (Ab @ Ab.T)).item()
+    nab = a.scale * b.scale * torch.trace((Ba.T @ Bb) @ (Ab @ Aa.T)).item()
+    d2 = max(naa + nbb - 2 * nab, 0.0)
+    denom = math.sqrt(max(naa, nbb))
+    return 0.0 if d2 == 0 else (math.sqrt(d2) / denom if denom else math.inf)
+
+
+def _tolerance(a: Adapter, b: Adapter) -> float:
+    low = {torch.bfloat16, torch.float16}
+    dtypes = {t.dtype for ad in (a, b) for m in ad.modules.values() for t in (m.A, m.B)}
+    return 1e-2 if dtypes & low else 1e-5
+
+
+def compare_adapters(a: Adapter, b: Adapter, *, tolerance: float | None = None) -> VerifyReport:
+    """Compare the effective updates of two canonical adapters, module by module."""
+    rep = VerifyReport(tolerance=tolerance if tolerance is not None else _tolerance(a, b))
+    rep.only_a = sorted(set(a.modules) - set(b.modules))
+    rep.only_b = sorted(set(b.modules) - set(a.modules))
+    for name in sorted(set(a.modules) & set(b.modules)):
+        ma, mb = a.modules[name], b.modules[name]
+        if ma.A.shape[1] != mb.A.shape[1] or ma.B.shape[0] != mb.B.shape[0]:
+            rep.problems.append(f"{name}: shapes differ ({ma.B.shape[0]}x{ma.A.shape[1]} vs "
+                                f"{mb.B.shape[0]}x{mb.A.shape[1]})")
+            continue
+        if ma.kind != mb.kind or ma.fan_in_fan_out != mb.fan_in_fan_out:
+            rep.problems.append(f"{name}: {ma.kind}/fan_in_fan_out={ma.fan_in_fan_out} vs "
+                                f"{mb.kind}/fan_in_fan_out={mb.fan_in_fan_out}")
+        rel = _delta_rel(ma, mb)
+        for what, ta, tb, sa, sb in (("magnitude", ma.magnitude, mb.magnitude, 1.0, 1.0),
+                                     ("lora bias", ma.bias, mb.bias, ma.scale, mb.scale)):
+            if (ta is None) != (tb is None):
+                rep.problems.append(f"{name}: {what} in only one of them")
+            elif ta is not None and tb is not None:
+                rel = max(rel, _rel(ta.double() * sa, tb.double() * sb))
+        rep.modules[name] = rel
+        if rep.worst_module is None or rel > rep.worst:
+            rep.worst, rep.worst_module = rel, name
+    for key in sorted(set(a.extra) | set(b.extra)):
+        if key not in a.extra or key not in b.extra:
+            rep.problems.append(f"full tensor {key!r} in only one of them")
+        elif a.extra[key].shape != b.extra[key].shape or _rel(a.extra[key], b.extra[key]) > rep.tolerance:
+            rep.problems.append(f"full tensor {key!r} differs")
+    return rep
+
+
+def verify(a: PathLike, b: PathLike, *, base_config: PathLike | ModelConfig | None = None,
+           alpha: float | None = None, tolerance: float | None = None) -> VerifyReport:
+    """Compare two adapters in any layouts (see :func:`compare_adapters`)."""
+    return compare_adapters(load_adapter(a, base_config=base_config, alpha=alpha),
+                            load_adapter(b, base_config=base_config, alpha=alpha), tolerance=tolerance)
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert`` did."""
+
+    source_layout: str
+    target_layout: str
+    output: Path
+    modules: int
+    verification: VerifyReport | None
+    notes: list[str]
+
+
+def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = None,
+            base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
+            dtype: torch.dtype | None = None, force: bool = False, allow_lossy: bool = False,
+            verify_output: bool = True) -> ConvertResult:
+    """Convert an adapter between layouts, exactly, and verify the output by reading it back.
+
+    Args:
+        source: the adapter directory or file.
+        out: the output directory (written atomically).
+        to: target layout name.
+        from_: source layout name (detected when None).
+        base_config: base model ``config.json`` / ``params.json`` (head counts, family).
+        alpha: alpha for sources that do not record it (loralib).
+        dtype: cast tensors (default: keep the source dtype).
+        force: replace an existing ``out``.
+        allow_lossy: drop what the target cannot hold instead of failing.
+        verify_output: re-read ``out`` and compare it with the source.
+
+    Raises:
+        VerificationError: the written adapter does not compute the source's update.
+
+    Example:
+        >>> convert("peft_dir", "tt_dir", to="torchtune", base_config="llama/config.json")
+    """
+    from .errors import VerificationError
+
+    det = detect_layout(source, layout=from_)
+    adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha)
+    reports: list[VerifyReport] = []
+
+    def check(tmp: Path, written: Adapter) -> None:
+        back = load_adapter(tmp, layout=to, base_config=base_config or written.meta.model_config)
+        report = compare_adapters(written, back)
+        fold = compare_adapters(Adapter({n: adapter.modules[n] for n in written.modules}, written.extra), written)
+        report.worst = max(report.worst, fold.worst)
+        report.problems += fold.problems
+        reports.append(report)
+        if not report.ok:
+            raise VerificationError(f"{out}: the written {to} adapter does not reproduce the source "
+                                    f"({report.summary()}); nothing was written; please report this")
+
+    written = save_adapter(adapter, out, layout=to, base_config=base_config, force=force, allow_lossy=allow_lossy,
+                           dtype=dtype, inputs=(source,), check=check if verify_output else None)
+    return ConvertResult(det.layout.name, to, Path(out), len(written.modules), reports[0] if reports else None,
+                         adapter.meta.notes)

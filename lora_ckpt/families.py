@@ -1,0 +1,218 @@
+"""Model families as data: parameter-name maps HF <-> torchtune <-> Meta/Mistral, the RoPE
+row-order policy, and head geometry read from ``config.json`` / ``params.json``.
+
+Each map is a table of key templates (``{}`` is a layer or expert index), written in the
+direction HF -> other, the same way torchtune writes ``_FROM_HF``; the reverse direction is
+the inverted table. ``tests/test_families.py`` asserts every table is a bijection.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError, ConversionError, MissingConfigError
+from .files import PathLike, read_json
+
+__all__ = ["FAMILIES", "Family", "ModelConfig", "NameMap", "Scheme", "family_for_model_type", "load_model_config"]
+
+Scheme = Literal["hf", "torchtune", "meta"]
+
+_LLAMA_TUNE = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.output_proj.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w2.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
+    "model.norm.weight": "norm.scale",
+    "lm_head.weight": "output.weight",
+}
+_QWEN2_TUNE = {**_LLAMA_TUNE, **{
+    f"model.layers.{{}}.self_attn.{p}_proj.bias": f"layers.{{}}.attn.{p}_proj.bias" for p in "qkv"}}
+# torchtune's own _GEMMA2_FROM_HF (its norm names are as they are: copied, not "fixed")
+_GEMMA2_TUNE = {**{k: v for k, v in _LLAMA_TUNE.items() if "post_attention_layernorm" not in k}, **{
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.sa_scale.scale",
+    "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_norm.scale",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.mlp_scale.scale",
+}}
+_LLAMA_META = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+# Mixtral with per-expert Linear modules (transformers 4.x names; v5 fuses experts).
+_MIXTRAL_META = {**{k: v for k, v in _LLAMA_META.items() if ".mlp." not in k}, **{
+    "model.layers.{}.block_sparse_moe.gate.weight": "layers.{}.feed_forward.gate.weight",
+    "model.layers.{}.block_sparse_moe.experts.{}.w1.weight": "layers.{}.feed_forward.experts.{}.w1.weight",
+    "model.layers.{}.block_sparse_moe.experts.{}.w2.weight": "layers.{}.feed_forward.experts.{}.w2.weight",
+    "model.layers.{}.block_sparse_moe.experts.{}.w3.weight": "layers.{}.feed_forward.experts.{}.w3.weight",
+}}
+
+
+class NameMap:
+    """A bijective table of key templates, usable in both directions."""
+
+    def __init__(self, table: dict[str, str]) -> None:
+        self.table = table
+        self._fwd = [(self._regex(k), v) for k, v in table.items()]
+        self._rev = [(self._regex(v), k) for k, v in table.items()]
+
+    @staticmethod
+    def _regex(template: str) -> re.Pattern[str]:
+        return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))
+
+    @staticmethod
+    def _apply(rules: list[tuple[re.Pattern[str], str]], key: str) -> str | None:
+        for regex, target in rules:
+            m = regex.fullmatch(key)
+            if m:
+                return target.format(*m.groups())
+        return None
+
+    def to_other(self, hf_key: str) -> str | None:
+        """HF key -> this scheme's key (None if the table has no such key)."""
+        return self._apply(self._fwd, hf_key)
+
+    def to_hf(self, key: str) -> str | None:
+        """This scheme's key -> HF key (None if the table has no such key)."""
+        return self._apply(self._rev, key)
+
+    @cached_property
+    def modules(self) -> NameMap:
+        """The same map on module paths (the entries whose parameter is ``weight`` on both sides)."""
+        return NameMap({k[: -len(".weight")]: v[: -len(".weight")] for k, v in self.table.items()
+                        if k.endswith(".weight") and v.endswith(".weight")})
+
+
+IDENTITY = NameMap({})
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its name maps and whether torchtune keeps q/k interleaved for it."""
+
+    name: str
+    model_types: tuple[str, ...]
+    maps: dict[str, dict[str, str]] = field(default_factory=dict)  # scheme -> HF->scheme table
+    torchtune_interleaved: bool = True  # torchtune permutes Llama/Mistral/Gemma q/k; never Qwen
+    rope: bool = True  # has q/k projections with rotary embeddings
+
+    def names(self, scheme: Scheme) -> NameMap:
+        if scheme == "hf":
+            return IDENTITY
+        if scheme not in self.maps:
+            raise ConversionError(f"model family {self.name!r} has no {scheme} parameter names; "
+                                  f"known: {', '.join(['hf', *self.maps])}")
+        return _name_map(self.name, scheme)
+
+    def interleaved(self, scheme: Scheme) -> bool:
+        """Whether q/k rows are interleaved (Meta order) in this naming scheme's checkpoints."""
+        if not self.rope or scheme == "hf":
+            return False
+        return scheme == "meta" or self.torchtune_interleaved
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("llama", ("llama",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META}),
+    Family("mistral", ("mistral",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META}),
+    Family("mixtral", ("mixtral",), {"meta": _MIXTRAL_META}),
+    Family("qwen2", ("qwen2",), {"torchtune": _QWEN2_TUNE}, torchtune_interleaved=False),
+    Family("qwen3", ("qwen3",), {"torchtune": _LLAMA_TUNE}, torchtune_interleaved=False),
+    Family("gemma", ("gemma",), {"torchtune": {k: v for k, v in _LLAMA_TUNE.items() if k != "lm_head.weight"}}),
+    Family("gemma2", ("gemma2",), {"torchtune": {k: v for k, v in _GEMMA2_TUNE.items() if k != "lm_head.weight"}}),
+    Family("gemma3", ("gemma3", "gemma3_text"), {}),
+    Family("gpt2", ("gpt2",), {}, rope=False),
+)}
+
+_MAPS: dict[tuple[str, str], NameMap] = {}
+
+
+def _name_map(family: str, scheme: str) -> NameMap:
+    if (family, scheme) not in _MAPS:
+        _MAPS[(family, scheme)] = NameMap(FAMILIES[family].maps[scheme])
+    return _MAPS[(family, scheme)]
+
+
+def family_for_model_type(model_type: str) -> Family | None:
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    return None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What conversions need from a base model's config: family and head geometry."""
+
+    family: Family | None
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    raw: dict[str, Any]
+    source: str = ""
+
+    def heads(self, hf_module: str) -> tuple[int, int] | None:
+        """(n, head_dim) for the q/k projection ``hf_module``, None for any other module."""
+        leaf = hf_module.rsplit(".", 1)[-1]
+        if leaf == "q_proj":
+            return self.n_heads, self.head_dim
+        if leaf == "k_proj":
+            return self.n_kv_heads, self.head_dim
+        return None
+
+
+def model_config_from_dict(cfg: dict[str, Any], *, source: str = "") -> ModelConfig:
+    """Read an HF ``config.json`` or a Meta/Mistral ``params.json`` dict."""
+    if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers (Gemma-3, Llama-4 ...)
+        cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
+    try:
+        if "n_heads" in cfg and "dim" in cfg:  # params.json
+            n = int(cfg["n_heads"])
+            family = FAMILIES["mixtral" if cfg.get("moe") else "mistral"]
+            return ModelConfig(family, n, int(cfg.get("n_kv_heads") or n), int(cfg.get("head_dim") or cfg["dim"] // n),
+                               int(cfg["dim"]), cfg, source)
+        model_type = cfg.get("model_type", "")
+        family = family_for_model_type(model_type)
+        if model_type == "gpt2":
+            n = int(cfg["n_head"])
+            return ModelConfig(family, n, n, int(cfg["n_embd"]) // n, int(cfg["n_embd"]), cfg, source)
+        n = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        return ModelConfig(family, n, int(cfg.get("num_key_value_heads") or n), int(cfg.get("head_dim") or hidden // n),
+                           hidden, cfg, source)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{source or 'config'}: not a model config with head counts (missing or invalid {e}); expected an HF "
+            "config.json (num_attention_heads, hidden_size) or a params.json (n_heads, dim)", path=source or None) from e
+
+
+def load_model_config(path: PathLike) -> ModelConfig:
+    """Read a base model config: ``config.json``, ``params.json``, or a directory with one."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("config.json", "params.json"):
+            if (p / name).is_file():
+                p = p / name
+                break
+        else:
+            raise MissingConfigError(f"{path}: no config.json or params.json in this directory")
+    return model_config_from_dict(read_json(p, what="model config"), source=os.fspath(p))

@@ -1,0 +1,346 @@
+"""The generic machinery every layout entry shares: locating files, parsing keys into
+(module, role), naming schemes, RoPE row order, factor orientation, lossy-content checks and
+writing. A layout entry is a subclass that sets class attributes (its data) and implements
+only its config translation: ``read_meta`` (scales and flags from its config) and
+``write_config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ..adapter import Adapter, AdapterMeta, ModuleLoRA
+from ..errors import (
+    ConversionError,
+    LayoutError,
+    LossyConversionError,
+    MissingConfigError,
+    UnsupportedAdapterError,
+    quote_list,
+)
+from ..families import FAMILIES, Family, ModelConfig, Scheme, model_config_from_dict
+from ..files import load_tensors, read_json, read_safetensors_header
+from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["A", "B", "magnitude", "bias", "emb_A", "emb_B"]
+Feature = Literal["dora", "bias", "embedding", "extra", "fan_in_fan_out"]
+
+
+@dataclass
+class Source:
+    """A resolved input: the directory, its weight file, and its config if any."""
+
+    path: Path  # what the user passed
+    root: Path  # the directory holding the files
+    weights: Path
+    config_path: Path | None = None
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _config: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors = load_tensors(self.weights)
+        return self._tensors
+
+    def keys(self) -> list[str]:
+        """Tensor names, from the safetensors header when possible (no data read)."""
+        if self._tensors is None and self.weights.suffix == ".safetensors":
+            return list(read_safetensors_header(self.weights).tensors)
+        return list(self.tensors)
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        if self._config is None and self.config_path is not None:
+            self._config = read_json(self.config_path, what=f"{self.config_path.name}")
+        return self._config
+
+    def sibling(self, name: str) -> Path | None:
+        p = self.root / name
+        return p if p.is_file() else None
+
+
+@dataclass
+class ReadOptions:
+    base_config: ModelConfig | None = None
+    alpha: float | None = None
+
+
+@dataclass
+class WriteOptions:
+    base_config: ModelConfig | None = None
+    allow_lossy: bool = False
+    dtype: torch.dtype | None = None
+
+
+class Layout:
+    """One ecosystem's adapter layout. Subclasses set the class attributes below."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    weight_files: ClassVar[tuple[str, ...]]  # accepted in a directory, preferred first; [0] is written
+    config_file: ClassVar[str | None] = None
+    prefix: ClassVar[str] = ""
+    scheme: ClassVar[Scheme] = "hf"
+    leaves: ClassVar[dict[Role, str]]
+    transposed: ClassVar[bool] = False  # factors stored as A (in, r), B (r, out)
+    features: ClassVar[frozenset[Feature]] = frozenset()
+    one_rank: ClassVar[bool] = False  # the layout has a single global rank
+    one_scale: ClassVar[float | bool] = False  # single global scale (True), or a fixed value
+    pickle: ClassVar[bool] = False  # weights written with torch.save instead of safetensors
+
+    # ---------------------------------------------------------------- per-layout hooks
+    def detect(self, src: Source) -> str | None:
+        """Why ``src`` is in this layout (None if it is not)."""
+        raise NotImplementedError
+
+    def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
+        """Set each module's scale and flags from the layout's config (modules already parsed)."""
+        raise NotImplementedError
+
+    def write_config(self, adapter: Adapter, out: Path, opts: WriteOptions) -> None:
+        """Write the layout's config file(s) next to the weights."""
+
+    def unsupported(self, src: Source) -> str | None:
+        """A reason to refuse this input outright (e.g. AdaLoRA), else None."""
+        return None
+
+    # ------------------------------------------------------------------- locating
+    def locate(self, path: Path) -> Source | None:
+        """The source files of this layout at ``path`` (a file or directory), if present."""
+        if path.is_file():
+            root = path.parent
+            weights = path
+        else:
+            root = path
+            weights = next((path / n for n in self.weight_files if (path / n).is_file()), None)
+            if weights is None:
+                return None
+        cfg = root / self.config_file if self.config_file and (root / self.config_file).is_file() else None
+        return Source(path=path, root=root, weights=weights, config_path=cfg)
+
+    # -------------------------------------------------------------------- keys
+    def _leaf_regex(self) -> re.Pattern[str]:
+        leaves = sorted(self.leaves.values(), key=len, reverse=True)
+        return re.compile(rf"^{re.escape(self.prefix)}(?P<module>.+?)\.(?P<leaf>{'|'.join(map(re.escape, leaves))})$")
+
+    def split(self, key: str) -> tuple[str, Role] | None:
+        """``key`` -> (module name in this layout's scheme, role), or None for other tensors."""
+        m = self._leaf_regex().match(key)
+        if not m:
+            return None
+        role = next(r for r, leaf in self.leaves.items() if leaf == m["leaf"])
+        return m["module"], role
+
+    def key(self, module: str, role: Role) -> str:
+        return f"{self.prefix}{module}.{self.leaves[role]}"
+
+    # ------------------------------------------------------------------ reading
+    def read(self, src: Source, opts: ReadOptions) -> Adapter:
+        reason = self.unsupported(src)
+        if reason:
+            raise UnsupportedAdapterError(f"{src.path}: {reason}", layout=self.name, path=str(src.path))
+        groups: dict[str, dict[Role, torch.Tensor]] = {}
+        extra: dict[str, torch.Tensor] = {}
+        for key, t in src.tensors.items():
+            parsed = self.split(key)
+            if parsed:
+                groups.setdefault(parsed[0], {})[parsed[1]] = t
+            else:
+                extra[key] = t
+        self.check_extra(src, extra)
+        model_cfg = opts.base_config or self.implied_model_config(src)
+        family = model_cfg.family if model_cfg else None
+        names = family.names(self.scheme) if family else None
+        if self.scheme != "hf" and names is None:
+            names = self._guess_names(groups)
+        modules: dict[str, ModuleLoRA] = {}
+        for name, parts in groups.items():
+            hf = name if self.scheme == "hf" else names.modules.to_hf(name)  # type: ignore[union-attr]
+            if hf is None:
+                raise LayoutError(
+                    f"{src.path}: {self.name} module {name!r} maps to no {family.name if family else 'known'} "
+                    f"model module; expected names like {quote_list(list(names.modules.table.values())[:3])}",
+                    layout=self.name, path=str(src.path))
+            modules[hf] = self._module(src, name, parts)
+        adapter = Adapter(modules=modules, extra={k[len(self.prefix):] if k.startswith(self.prefix) else k: v
+                                                  for k, v in extra.items()},
+                          meta=AdapterMeta(family=family.name if family else None, source_layout=self.name,
+                                           source_path=str(src.path), config=dict(src.config or {}),
+                                           model_config=model_cfg))
+        self.read_meta(src, adapter, opts)
+        self._rope(adapter, model_cfg, to_hf=True)
+        adapter.check()
+        return adapter
+
+    def _guess_names(self, groups: dict[str, Any]) -> Any:
+        """Without a model config, find the family whose name map knows every module (for the name
+        map only; RoPE still needs the config when the family permutes)."""
+        for fam in FAMILIES.values():
+            if self.scheme in fam.maps:
+                nm = fam.names(self.scheme).modules
+                if all(nm.to_hf(n) is not None for n in groups):
+                    return fam.names(self.scheme)
+        raise LayoutError(f"no model family's {self.scheme} names fit modules {quote_list(groups)}",
+                          layout=self.name)
+
+    def _module(self, src: Source, name: str, parts: dict[Role, torch.Tensor]) -> ModuleLoRA:
+        emb = "emb_A" in parts or "emb_B" in parts
+        a_role, b_role = ("emb_A", "emb_B") if emb else ("A", "B")
+        if a_role not in parts or b_role not in parts:
+            from ..errors import IncompleteAdapterError
+
+            have, miss = (a_role, b_role) if a_role in parts else (b_role, a_role)
+            raise IncompleteAdapterError(
+                f"{src.path}: module {name!r} has {self.leaves[have]} but no {self.leaves[miss]}; expected both; "
+                "the adapter file is incomplete", key=self.key(name, miss))
+        A, B = parts[a_role], parts[b_role]
+        for role, t in ((a_role, A), (b_role, B)):
+            if t.dim() != 2:
+                raise UnsupportedAdapterError(
+                    f"{src.path}: {self.key(name, role)} is {t.dim()}-D {tuple(t.shape)}, expected a 2-D factor; "
+                    "stacked (MergedLinear/enable_lora or MoE) factors are not supported by this layout",
+                    layout=self.name, path=str(src.path))
+        if self.transposed:
+            A, B = A.T.contiguous(), B.T.contiguous()
+        return ModuleLoRA(A=A, B=B, scale=1.0, magnitude=parts.get("magnitude"), bias=parts.get("bias"),
+                          kind="embedding" if emb else "linear")
+
+    def check_extra(self, src: Source, extra: dict[str, torch.Tensor]) -> None:
+        """Tensors that are not adapter factors: refused unless the layout carries full tensors."""
+        if extra and "extra" not in self.features:
+            raise LayoutError(
+                f"{src.path}: {len(extra)} tensor(s) are not {self.name} adapter tensors: {quote_list(extra)}; "
+                f"expected keys ending in {quote_list(self.leaves.values())}; pass --from to choose another layout",
+                layout=self.name, path=str(src.path))
+
+    def implied_model_config(self, src: Source) -> ModelConfig | None:
+        """A model config found with the adapter (e.g. torchtune copies config.json)."""
+        p = src.sibling("config.json")
+        return model_config_from_dict(read_json(p, what="config.json"), source=str(p)) if p else None
+
+    # -------------------------------------------------------------------- RoPE
+    def _rope(self, adapter: Adapter, model_cfg: ModelConfig | None, *, to_hf: bool) -> None:
+        family: Family | None = model_cfg.family if model_cfg else (
+            FAMILIES.get(adapter.meta.family) if adapter.meta.family else None)
+        qk = [n for n in adapter.modules if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj")]
+        if not qk or self.scheme == "hf":
+            return
+        if family is None or model_cfg is None:
+            raise MissingConfigError(
+                f"{self.name} stores q/k rows in Meta order for Llama/Mistral/Gemma but not for Qwen, and "
+                f"permuting them needs head counts; no model config was found for modules {quote_list(qk, 2)}; "
+                "pass --base-config with the base model's config.json or params.json")
+        if not family.interleaved(self.scheme):
+            return
+        perm = interleaved_to_rotate_half if to_hf else rotate_half_to_interleaved
+        for name in qk:
+            n, hd = model_cfg.heads(name)  # type: ignore[misc]
+            m = adapter.modules[name]
+            m.B = perm(m.B, n, hd)
+            if m.magnitude is not None:
+                m.magnitude = perm(m.magnitude, n, hd)
+            if m.bias is not None:
+                m.bias = perm(m.bias, n, hd)
+
+    # ------------------------------------------------------------------ writing
+    def lossy_parts(self, adapter: Adapter) -> list[str]:
+        """What this layout cannot hold, as readable items."""
+        out = []
+        if adapter.uses_dora and "dora" not in self.features:
+            out.append("DoRA magnitudes")
+        if adapter.uses_bias and "bias" not in self.features:
+            out.append("LoRA biases (lora_B.bias)")
+        if any(m.kind == "embedding" for m in adapter.modules.values()) and "embedding" not in self.features:
+            out.append("embedding LoRA (" + ", ".join(n for n, m in adapter.modules.items() if m.kind == "embedding") + ")")
+        if adapter.extra and "extra" not in self.features:
+            out.append("full tensors (modules_to_save / saved embeddings: " + quote_list(adapter.extra, 3) + ")")
+        if any(m.fan_in_fan_out for m in adapter.modules.values()) and "fan_in_fan_out" not in self.features:
+            out.append("fan_in_fan_out (Conv1D) modules")
+        return out
+
+    def prepare(self, adapter: Adapter, opts: WriteOptions) -> Adapter:
+        """Drop what cannot be held (only with allow_lossy), unify rank/scale as the layout needs."""
+        lossy = self.lossy_parts(adapter)
+        if lossy:
+            if not opts.allow_lossy:
+                raise LossyConversionError(
+                    f"{self.name} cannot hold {'; '.join(lossy)}; expected an adapter without them; convert to "
+                    "another layout, or pass --allow-lossy to drop them", dropped=lossy)
+            logger.warning("dropping what %s cannot hold: %s", self.name, "; ".join(lossy))
+            adapter = _drop(adapter, self.features)
+        adapter = adapter.cast(opts.dtype)
+        fixed = None if isinstance(self.one_scale, bool) else float(self.one_scale)
+        if fixed is not None:
+            adapter = replace(adapter, modules={n: m.rescaled(fixed) for n, m in adapter.modules.items()})
+        if self.one_rank or self.one_scale is True:
+            if len(adapter.scales()) > 1 or len(adapter.ranks()) > 1:
+                logger.info("%s has one rank and one scale: ranks zero-padded to the largest, scale differences "
+                            "folded into lora_B (exact up to float32 rounding)", self.name)
+            adapter = adapter.uniform(scale=fixed)
+        return adapter
+
+    def tensors_for(self, adapter: Adapter, model_cfg: ModelConfig | None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under this layout's keys, rows and orientation."""
+        work = Adapter({n: ModuleLoRA(**vars(m)) for n, m in adapter.modules.items()}, adapter.extra, adapter.meta)
+        self._rope(work, model_cfg, to_hf=False)
+        family = model_cfg.family if model_cfg else FAMILIES.get(adapter.meta.family or "")
+        names = family.names(self.scheme).modules if self.scheme != "hf" and family else None
+        if self.scheme != "hf" and names is None:
+            raise MissingConfigError(f"{self.name} names modules by model family; pass --base-config")
+        out: dict[str, torch.Tensor] = {}
+        for hf, m in work.modules.items():
+            name = hf if names is None else names.to_other(hf)
+            if name is None:
+                raise ConversionError(f"module {hf!r} has no {self.name} name for model family "
+                                      f"{family.name if family else '?'}; {self.name} cannot hold it")
+            A, B = (m.A.T, m.B.T) if self.transposed else (m.A, m.B)
+            roles: Iterable[tuple[Role, torch.Tensor | None]] = (
+                ("emb_A" if m.kind == "embedding" else "A", A), ("emb_B" if m.kind == "embedding" else "B", B),
+                ("magnitude", m.magnitude), ("bias", m.bias))
+            for role, t in roles:
+                if t is not None:
+                    out[self.key(name, role)] = t.contiguous()
+        for k, v in work.extra.items():
+            out[self.prefix + k] = v.contiguous()
+        return out
+
+    def write(self, adapter: Adapter, out: Path, opts: WriteOptions) -> Adapter:
+        """Write ``adapter`` into the (empty, temporary) directory ``out``; return what was written."""
+        adapter = self.prepare(adapter, opts)
+        model_cfg = opts.base_config or adapter.meta.model_config
+        tensors = self.tensors_for(adapter, model_cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        save_tensors(tensors, out / self.weight_files[0], pickle=self.pickle)
+        self.write_config(adapter, out, replace(opts, base_config=model_cfg))
+        return adapter
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, pickle: bool = False,
+                 metadata: dict[str, str] | None = None) -> None:
+    if pickle:
+        torch.save(tensors, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, path, metadata=metadata if metadata is not None else {"format": "pt"})
+
+
+def _drop(adapter: Adapter, features: frozenset[str]) -> Adapter:
+    mods = {}
+    for n, m in adapter.modules.items():
+        if m.kind == "embedding" and "embedding" not in features:
+            continue
+        mods[n] = replace(m, magnitude=m.magnitude if "dora" in features else None,
+                          bias=m.bias if "bias" in features else None)
+    return Adapter(mods, adapter.extra if "extra" in features else {}, adapter.meta)
+

@@ -1,0 +1,74 @@
+"""lora-ckpt's own layout: one self-describing ``lora_adapter.safetensors``. Keys are those of
+:class:`lora_ckpt.LoRALinear` (``<module>.lora_A.weight``), so ``model.load_state_dict`` of an
+``inject_lora`` model takes the file directly; per-module scales and flags live in the header
+metadata. Lossless for everything PEFT can express."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..adapter import Adapter
+from ..errors import ConfigError, MissingConfigError
+from ..files import read_safetensors_header
+from .base import Layout, ReadOptions, Source, WriteOptions, save_tensors
+
+META_KEY = "lora_ckpt"
+VERSION = 1
+
+
+class NativeLayout(Layout):
+    name = "native"
+    summary = "lora-ckpt's own lora_adapter.safetensors (LoRALinear keys, scales in the header)"
+    weight_files = ("lora_adapter.safetensors",)
+    leaves = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude", "bias": "lora_B.bias",
+              "emb_A": "lora_embedding_A.weight", "emb_B": "lora_embedding_B.weight"}
+    features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
+
+    def _meta(self, src: Source) -> dict[str, Any] | None:
+        if src.weights.suffix != ".safetensors":
+            return None
+        raw = read_safetensors_header(src.weights).metadata.get(META_KEY)
+        if raw is None:
+            return None
+        try:
+            meta = json.loads(raw)
+            assert isinstance(meta, dict) and isinstance(meta.get("scales"), dict)
+        except (json.JSONDecodeError, AssertionError) as e:
+            raise ConfigError(f"{src.weights}: '{META_KEY}' header metadata is not lora-ckpt's JSON", path=src.weights) from e
+        return meta
+
+    def detect(self, src: Source) -> tuple[int, str] | None:
+        if self._meta(src) is not None:
+            return 3, f"{src.weights.name} carries lora-ckpt metadata"
+        return None
+
+    def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
+        meta = self._meta(src)
+        if meta is None:
+            raise MissingConfigError(f"{src.weights}: no '{META_KEY}' metadata (scales); not a lora-ckpt native file")
+        scales, fifo = meta["scales"], set(meta.get("fan_in_fan_out", []))
+        missing = [n for n in adapter.modules if n not in scales]
+        if missing:
+            raise ConfigError(f"{src.weights}: no scale recorded for {missing[0]!r}", path=src.weights)
+        for name, m in adapter.modules.items():
+            m.scale = float(scales[name])
+            m.fan_in_fan_out = name in fifo
+        adapter.meta.base_model = meta.get("base_model")
+        adapter.meta.family = adapter.meta.family or meta.get("family")
+        adapter.meta.task_type = meta.get("task_type")
+        adapter.meta.config = meta.get("source_config") or {}
+        adapter.meta.source_layout = meta.get("source_layout") or self.name
+
+    def write(self, adapter: Adapter, out: Path, opts: WriteOptions) -> Adapter:
+        adapter = self.prepare(adapter, opts)
+        meta = {"version": VERSION, "scales": {n: m.scale for n, m in adapter.modules.items()},
+                "fan_in_fan_out": sorted(n for n, m in adapter.modules.items() if m.fan_in_fan_out),
+                "base_model": adapter.meta.base_model, "family": adapter.meta.family,
+                "task_type": adapter.meta.task_type, "source_layout": adapter.meta.source_layout,
+                "source_config": adapter.meta.config}
+        out.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.tensors_for(adapter, opts.base_config or adapter.meta.model_config), out / self.weight_files[0],
+                     metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
+        return adapter

@@ -1,0 +1,198 @@
+"""HF PEFT: ``adapter_model.safetensors`` (or ``.bin``) + ``adapter_config.json``, exactly as
+PEFT 0.21 writes them (formats.md §1)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..adapter import Adapter, alpha_for
+from ..errors import ConfigError, MissingConfigError, quote_list
+from ..inject import matches_target
+from .base import Layout, ReadOptions, Source, WriteOptions
+
+logger = logging.getLogger(__name__)
+
+PEFT_LEAVES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
+               "bias": "lora_B.bias", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first key (in dict order) with
+    ``re.match(rf"(.*\\.)?({key})$", name)`` wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def module_scale(cfg: dict[str, Any], name: str) -> tuple[int, float]:
+    """(rank, scale) PEFT gives module ``name`` under config ``cfg``."""
+    r = pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8))
+    alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
+    return r, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+class PeftLayout(Layout):
+    name = "peft"
+    summary = "HF PEFT adapter_model.safetensors/.bin + adapter_config.json"
+    weight_files = ("adapter_model.safetensors", "adapter_model.bin")
+    config_file = "adapter_config.json"
+    prefix = "base_model.model."
+    scheme = "hf"
+    leaves = PEFT_LEAVES
+    features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
+
+    def detect(self, src: Source) -> tuple[int, str] | None:
+        cfg = src.config
+        if cfg is not None and "peft_type" in cfg and src.weights.name in self.weight_files:
+            return 2, f"{src.config_path.name} with peft_type {cfg['peft_type']!r} beside {src.weights.name}"
+        keys = src.keys()
+        if keys and all(k.startswith(self.prefix) for k in keys) and any(self.split(k) for k in keys):
+            return 1, f"keys start with {self.prefix!r} and end in lora_A.weight/lora_B.weight"
+        return None
+
+    def unsupported(self, src: Source) -> str | None:
+        cfg = src.config or {}
+        if cfg.get("peft_type", "LORA") != "LORA":
+            return (f"peft_type {cfg['peft_type']!r} is not LoRA; lora-ckpt converts LoRA/DoRA adapters only"
+                    + (" (AdaLoRA's SVD form lora_E has no exact LoRA layout)" if cfg["peft_type"] == "ADALORA" else ""))
+        if any(k.endswith(".lora_E") for k in src.keys()):
+            return "has AdaLoRA lora_E tensors; lora-ckpt converts LoRA/DoRA adapters only"
+        if cfg.get("enable_lora"):
+            return "uses the legacy MergedLinear enable_lora (grouped factors); re-export it with a current PEFT"
+        return None
+
+    def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
+        cfg = src.config
+        if cfg is None:
+            if opts.alpha is None:
+                raise MissingConfigError(
+                    f"{src.weights}: no adapter_config.json beside this PEFT file, so the scale is unknown; "
+                    "put the config beside it, or pass --alpha (scale = alpha / r)")
+            cfg = {"r": None, "lora_alpha": opts.alpha}
+        problems = []
+        for name, m in adapter.modules.items():
+            if cfg.get("r") is None:
+                m.scale = opts.alpha / m.rank  # type: ignore[operator]
+                continue
+            r, m.scale = module_scale(cfg, name)
+            if r != m.rank:
+                problems.append(f"{name}: config r={r}, tensors rank {m.rank}")
+            m.fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+        if problems:
+            raise ConfigError(
+                f"{src.config_path}: {len(problems)} module(s) disagree with the tensors ({'; '.join(problems[:3])}"
+                f"{' and more' if len(problems) > 3 else ''}); PEFT would refuse to load this; fix r / rank_pattern",
+                path=src.config_path)
+        adapter.meta.base_model = cfg.get("base_model_name_or_path")
+        adapter.meta.task_type = cfg.get("task_type")
+        if adapter.uses_dora and not cfg.get("use_dora"):
+            adapter.meta.notes.append(
+                "DoRA magnitudes present but use_dora is false: PEFT and vLLM run this as plain LoRA "
+                "(torchtune 0.6.1 exports look like this); they are kept as DoRA")
+        if adapter.uses_bias and not cfg.get("lora_bias"):
+            adapter.meta.notes.append("lora_B.bias present but lora_bias is false: PEFT ignores it; kept")
+        if cfg.get("use_rslora"):
+            adapter.meta.notes.append("rsLoRA (scale alpha/sqrt(r)): llama.cpp ignores use_rslora")
+
+    # ------------------------------------------------------------------ writing
+    def write_config(self, adapter: Adapter, out: Path, opts: WriteOptions) -> None:
+        cfg = adapter.meta.config if adapter.meta.source_layout == "peft" else {}
+        if not (cfg and config_fits(cfg, adapter)):
+            cfg = new_config(adapter, opts)
+        write_peft_config(cfg, out / self.config_file)
+
+
+def write_peft_config(cfg: dict[str, Any], path: Path) -> None:
+    """As PEFT writes it: ``json.dumps(indent=2, sort_keys=True)``, no trailing newline."""
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def config_fits(cfg: dict[str, Any], adapter: Adapter) -> bool:
+    """Whether ``cfg`` (an original PEFT config) still describes ``adapter`` exactly."""
+    if bool(cfg.get("use_dora")) != adapter.uses_dora or bool(cfg.get("lora_bias")) != adapter.uses_bias:
+        return False
+    targets = cfg.get("target_modules")
+    for name, m in adapter.modules.items():
+        if module_scale(cfg, name) != (m.rank, m.scale) or m.fan_in_fan_out != bool(cfg.get("fan_in_fan_out")):
+            return False
+        if targets is not None and targets != "all-linear" and not matches_target(name, targets):
+            return False
+    return set(cfg.get("modules_to_save") or []) == set(_modules_to_save(adapter))
+
+
+def _modules_to_save(adapter: Adapter) -> list[str]:
+    return sorted({k.rsplit(".", 1)[0] for k in adapter.extra if ".base_layer." not in k})
+
+
+def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
+    """A PEFT config for ``adapter``: the most common rank/alpha globally, exact per-module
+    ``rank_pattern``/``alpha_pattern`` (full module names) for the others. Keys newer PEFT
+    versions added are written only when set, so older PEFT versions load it too."""
+    mods = adapter.modules
+    r = Counter(m.rank for m in mods.values()).most_common(1)[0][0] if mods else 8
+    alphas = {n: alpha_for(m.scale, m.rank) for n, m in mods.items()}
+    alpha = Counter(alphas.values()).most_common(1)[0][0] if mods else 8
+    rank_pattern = {n: m.rank for n, m in mods.items() if m.rank != r}
+    alpha_pattern = {n: a for n, a in alphas.items() if a != alpha}
+    src_cfg = adapter.meta.config or {}
+    cfg: dict[str, Any] = {
+        "alpha_pattern": alpha_pattern,
+        "base_model_name_or_path": adapter.meta.base_model or src_cfg.get("base_model_name_or_path"),
+        "bias": "none",
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in mods.values()),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "modules_to_save": _modules_to_save(adapter) or None,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": rank_pattern,
+        "revision": None,
+        "target_modules": target_modules(list(mods), opts),
+        "task_type": adapter.meta.task_type or "CAUSAL_LM",
+        "use_rslora": False,
+    }
+    if adapter.uses_dora:
+        cfg["use_dora"] = True
+    if adapter.uses_bias:
+        cfg["lora_bias"] = True
+    for n, m in mods.items():  # every pattern key must select exactly its own module
+        if any(n != o and re.match(rf"(.*\.)?({n})$", o) for o in mods if n in rank_pattern or n in alpha_pattern):
+            raise ConfigError(f"cannot express per-module rank/alpha of {n!r} with PEFT patterns unambiguously")
+    return cfg
+
+
+def target_modules(names: list[str], opts: WriteOptions) -> list[str]:
+    """Leaf names (``q_proj``) when every leaf type covers every layer, else the full names:
+    PEFT then wraps exactly the modules the file holds (no zero-B modules, no missing-key warnings)."""
+    layer_re = re.compile(r"^(?P<pre>.*\.layers\.)(?P<i>\d+)\.(?P<rest>.+)$")
+    by_leaf: dict[str, set[int]] = {}
+    for n in names:
+        m = layer_re.match(n)
+        if not m:
+            return sorted(names)
+        by_leaf.setdefault(m["rest"], set()).add(int(m["i"]))
+    n_layers = None
+    if opts.base_config is not None:
+        raw = opts.base_config.raw
+        n_layers = raw.get("num_hidden_layers") or raw.get("n_layers") or raw.get("n_layer")
+    covered = {frozenset(v) for v in by_leaf.values()}
+    leaves = sorted({rest.rsplit(".", 1)[-1] for rest in by_leaf})
+    full_range = len(covered) == 1 and (lambda s: s == set(range(max(s) + 1)))(next(iter(covered)))
+    if (full_range and (n_layers is None or max(next(iter(covered))) + 1 == n_layers)
+            and len(leaves) == len(by_leaf)):
+        if n_layers is None:
+            logger.info("target_modules %s assumes the adapter covers every layer (pass --base-config to check)",
+                        quote_list(leaves, 7))
+        return leaves
+    return sorted(names)
