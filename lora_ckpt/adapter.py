@@ -15,10 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ShapeMismatchError
 from .families import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Adapter", "AdapterMeta", "ModuleKind", "ModuleLoRA"]
 
@@ -66,6 +69,8 @@ class ModuleLoRA:
         """Zero-pad to rank ``r`` (zero rows of A, zero columns of B): the same ΔW, exactly."""
         if r == self.rank:
             return self
+        import torch
+
         A = torch.zeros(r, self.A.shape[1], dtype=self.A.dtype)
         B = torch.zeros(self.B.shape[0], r, dtype=self.B.dtype)
         A[: self.rank] = self.A

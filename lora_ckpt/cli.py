@@ -20,20 +20,108 @@ __all__ = ["main"]
 EPILOG = """\
 examples:
   lora-ckpt inspect adapter_model.safetensors
-  lora-ckpt inspect llama-3-8b/ --json
+  lora-ckpt convert peft_adapter/ --to torchtune -o epoch_0/ --base-config llama/config.json
+  lora-ckpt verify epoch_0/ peft_adapter/
+  lora-ckpt merge llama-3-8b/ adapter/ -o merged/
+  lora-ckpt pull my-org/adapter -o adapter/ && lora-ckpt push adapter/ my-org/adapter-peft
   lora-ckpt demo fixtures/demo
 
 exit codes: 0 ok, 1 refused input, 2 usage error, 3 verification found a difference, 4 hub failure
 """
 
 Handler = Callable[[argparse.Namespace], int]
+# kept in sync with lora_ckpt.layouts.LAYOUTS by tests/test_cli.py (importing it would import torch)
+LAYOUT_NAMES = ["native", "peft", "torchtune", "mistral", "loralib", "llmbook"]
+
+
+def _source(args: argparse.Namespace, value: str) -> str:
+    """A local path for ``value``; ``hf://ORG/NAME[@REV][/SUBDIR]`` is downloaded first."""
+    if value.startswith("hf://"):
+        from .hub import resolve_source
+
+        return str(resolve_source(value, layout=getattr(args, "from_", None), quiet=args.quiet))
+    return value
+
+
+def _base_config(args: argparse.Namespace) -> str | None:
+    value = getattr(args, "base_config", None)
+    return _source(args, value) if value else None
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .report import format_report, inspect_checkpoint
+    from .report import format_report, inspect_source
 
-    rep = inspect_checkpoint(args.src)
+    rep = inspect_source(_source(args, args.src), layout=args.from_, base_config=_base_config(args), alpha=args.alpha)
     print(json.dumps(rep.to_json(), indent=2) if args.json else format_report(rep))
+    return 0
+
+
+def _dtype(name: str | None):  # noqa: ANN202 - torch is imported lazily
+    if name is None:
+        return None
+    import torch
+
+    from .errors import UsageError
+
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise UsageError(f"--dtype {name!r} is not a torch dtype; expected e.g. float32, bfloat16, float16")
+    return dt
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    res = convert(_source(args, args.src), args.output, to=args.to, from_=args.from_,
+                  base_config=_base_config(args), alpha=args.alpha, dtype=_dtype(args.dtype), force=args.force,
+                  allow_lossy=args.allow_lossy, verify_output=not args.no_verify)
+    print(f"converted {res.modules} module(s): {res.source_layout} -> {res.target_layout} at {res.output}")
+    for note in res.notes:
+        print(f"note: {note}")
+    if res.verification is not None:
+        print(f"verified: {res.verification.summary()}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .convert import verify
+
+    rep = verify(_source(args, args.a), _source(args, args.b), base_config=_base_config(args), alpha=args.alpha,
+                 tolerance=args.tolerance)
+    if args.json:
+        print(json.dumps(rep.to_json(), indent=2))
+    else:
+        print(("OK: " if rep.ok else "DIFFERENT: ") + rep.summary())
+    return 0 if rep.ok else 3
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_checkpoint
+
+    res = merge_checkpoint(_source(args, args.base), _source(args, args.adapter), args.output,
+                           dtype=_dtype(args.dtype), max_shard_size=args.max_shard_size, to=args.to,
+                           base_config=_base_config(args), alpha=args.alpha, force=args.force,
+                           untie=args.untie, progress=not args.quiet)
+    print(res.summary())
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from .hub import pull
+
+    path = pull(args.repo, args.output, revision=args.revision, layout=args.layout, force=args.force,
+                quiet=args.quiet)
+    print(f"pulled {args.repo} to {path}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push
+
+    res = push(_source(args, args.src), args.repo, to=args.to, private=args.private, branch=args.branch,
+               commit_message=args.commit_message, base_config=_base_config(args), base_model=args.base_model,
+               alpha=args.alpha, from_=args.from_, quiet=args.quiet)
+    print(res)
     return 0
 
 
@@ -53,13 +141,90 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="what a checkpoint holds (tensors, dtypes, LoRA modules)",
-                       description="Summarise a checkpoint file or directory: tensor count, dtypes, "
-                                   "parameters and LoRA modules, from safetensors headers only.",
-                       epilog="example: lora-ckpt inspect adapter_model.safetensors --json")
-    p.add_argument("src", help="a .safetensors/.pt/.bin file or a checkpoint directory")
+    def common(p: argparse.ArgumentParser, *, source: bool = True) -> None:
+        if source:
+            p.add_argument("--from", dest="from_", metavar="LAYOUT", choices=LAYOUT_NAMES,
+                           help="source layout (default: detected): " + ", ".join(LAYOUT_NAMES))
+        p.add_argument("--base-config", metavar="CONFIG", help="base model config.json / params.json (head "
+                       "counts and family; needed for torchtune/mistral q/k rows)")
+        p.add_argument("--alpha", type=float, help="LoRA alpha for layouts that do not record it (loralib)")
+
+    p = sub.add_parser("inspect", help="what a checkpoint or adapter holds",
+                       description="Detect an adapter's layout (and say why) and report its modules, ranks, scales, "
+                                   "dtypes and warnings; for a stock checkpoint, tensors, dtypes and parameters. "
+                                   "Reads safetensors headers only.",
+                       epilog="examples:\n  lora-ckpt inspect adapter_model.safetensors\n"
+                              "  lora-ckpt inspect epoch_0/ --json", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="a file or directory (or hf://ORG/NAME[@REV][/SUBDIR])")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    common(p)
     p.set_defaults(handler=_cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert an adapter between layouts, exactly, and verify it",
+                       description="Read SRC in any layout, write it in --to, read the output back and compare "
+                                   "every module's update with the source (exit 3 if they differ).",
+                       epilog="examples:\n  lora-ckpt convert peft_adapter/ --to torchtune -o epoch_0/ "
+                              "--base-config llama/config.json\n  lora-ckpt convert epoch_0/ --to peft -o out/\n"
+                              "  lora-ckpt convert lora_state_dict.pt --from loralib --alpha 16 --to peft -o out/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="adapter directory or file (or hf://...)")
+    p.add_argument("--to", required=True, choices=LAYOUT_NAMES, help="target layout")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    common(p)
+    p.add_argument("--dtype", help="cast tensors (default: keep the source dtype)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--allow-lossy", action="store_true", help="drop what the target cannot hold (named in a warning)")
+    p.add_argument("--no-verify", action="store_true", help="skip reading the output back")
+    p.set_defaults(handler=_cmd_convert)
+
+    p = sub.add_parser("verify", help="do two adapters compute the same update?",
+                       description="Compare scale*B@A (DoRA- and fan_in_fan_out-aware) of every module of A and B, "
+                                   "in any layouts. Exit 0 only if all agree within the tolerance and cover the same "
+                                   "modules; 3 otherwise.",
+                       epilog="example: lora-ckpt verify epoch_0/ peft_adapter/ --base-config llama/config.json")
+    p.add_argument("a")
+    p.add_argument("b")
+    common(p, source=False)
+    p.add_argument("--tolerance", type=float, help="max relative difference (default 1e-5; 1e-2 for 16-bit)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_verify)
+
+    p = sub.add_parser("merge", help="fold an adapter into a (sharded) base checkpoint, streaming",
+                       description="Stream the base checkpoint tensor by tensor, add each module's update in float32, "
+                                   "write sharded safetensors with an index, copy the non-weight files.",
+                       epilog="example: lora-ckpt merge llama-3-8b/ adapter/ -o merged/ --max-shard-size 5GB")
+    p.add_argument("base", help="HF model directory, .safetensors file, or hf://...")
+    p.add_argument("adapter", help="adapter in any layout (or hf://...)")
+    p.add_argument("-o", "--output", required=True)
+    common(p)
+    p.add_argument("--dtype", help="output dtype (default: the base's)")
+    p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--to", default="hf", choices=["hf", "torchtune", "meta"], help="key layout of the output")
+    p.add_argument("--untie", action="store_true", help="untie lm_head from embed_tokens when the adapter "
+                   "touches one of them")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(handler=_cmd_merge)
+
+    p = sub.add_parser("pull", help="download an adapter from the Hugging Face Hub",
+                       epilog="example: lora-ckpt pull my-org/my-adapter -o adapter/ --revision v1")
+    p.add_argument("repo", help="ORG/NAME (or hf://ORG/NAME[@REV][/SUBDIR])")
+    p.add_argument("-o", "--output", help="copy the files here (default: print the cache path)")
+    p.add_argument("--revision")
+    p.add_argument("--layout", choices=LAYOUT_NAMES, help="download only this layout's files")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(handler=_cmd_pull)
+
+    p = sub.add_parser("push", help="convert (if needed) and upload an adapter with a model card",
+                       epilog="example: lora-ckpt push epoch_0/ my-org/llama-lora --base-model meta-llama/Llama-3.1-8B")
+    p.add_argument("src")
+    p.add_argument("repo")
+    p.add_argument("--to", default="peft", choices=LAYOUT_NAMES, help="layout to upload (default peft)")
+    common(p)
+    p.add_argument("--base-model", help="base model id for the config and card (default: from the adapter)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--branch")
+    p.add_argument("--commit-message")
+    p.set_defaults(handler=_cmd_push)
 
     p = sub.add_parser("demo", help="stock checkpoint -> LoRA model (strict), one training step",
                        description="Load the shipped stock checkpoint strict=True into a LoRA-injected "

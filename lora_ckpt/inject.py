@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -17,17 +16,10 @@ import torch
 from torch import nn
 
 from .errors import TargetNotFoundError, quote_list
+from .keys import matches_target
 from .layer import LoRALinear
 
 __all__ = ["adapter_state_dict", "inject_lora", "lora_modules", "matches_target", "stock_state_dict"]
-
-
-def matches_target(name: str, targets: str | Sequence[str]) -> bool:
-    """PEFT's rule: a string is a full regex match; a list entry matches the exact name or a
-    ``.``-delimited suffix of it."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -9,10 +9,10 @@ pattern: keys are never substring-matched.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["ADAPTER_PARAMS", "BASE_PARAMS", "KEY_DIALECTS", "KeyDialect", "split_key"]
+__all__ = ["ADAPTER_PARAMS", "BASE_PARAMS", "KEY_DIALECTS", "KeyDialect", "matches_target", "split_key"]
 
 BASE_PARAMS = ("linear.weight", "linear.bias")
 ADAPTER_PARAMS = ("lora_A.weight", "lora_B.weight")
@@ -77,3 +77,11 @@ def split_key(key: str) -> tuple[str, str] | None:
     """
     m = _LEAF_RE.match(key)
     return (m["module"], m["leaf"]) if m else None
+
+
+def matches_target(name: str, targets: str | Sequence[str]) -> bool:
+    """PEFT's rule: a string is a full regex match; a list entry matches the exact name or a
+    ``.``-delimited suffix of it."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)

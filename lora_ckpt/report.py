@@ -1,4 +1,5 @@
-"""``inspect``: what a checkpoint holds, read from safetensors headers only (no torch import)."""
+"""``inspect``: what a checkpoint or adapter holds, from headers only (no torch import, no
+tensor data) — except the torchtune export check, which compares values."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import quote_list
 from .files import DTYPES, PathLike, checkpoint_files, read_safetensors_header
 from .keys import split_key
 
-__all__ = ["CheckpointReport", "inspect_checkpoint"]
+__all__ = ["AdapterReport", "CheckpointReport", "format_report", "inspect_checkpoint", "inspect_source"]
 
 
 @dataclass
@@ -96,8 +98,10 @@ def _dtype_name(dtype: str) -> str:
     return DTYPES[dtype][1] if dtype in DTYPES else dtype
 
 
-def format_report(rep: CheckpointReport, *, limit: int = 20) -> str:
+def format_report(rep: CheckpointReport | AdapterReport, *, limit: int = 20) -> str:
     """A readable text table of a report."""
+    if isinstance(rep, AdapterReport):
+        return _format_adapter(rep, limit)
     lines = [f"source      {rep.source}",
              f"files       {len(rep.files)}" + (f" ({Path(rep.files[0]).name})" if len(rep.files) == 1 else ""),
              f"tensors     {rep.tensors}",
@@ -136,3 +140,117 @@ def _human(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000  # type: ignore[assignment]
     return str(n)
+
+
+@dataclass
+class AdapterReport:
+    """What ``inspect`` reports for an adapter."""
+
+    source: str
+    layout: str
+    reason: str
+    family: str | None
+    base_model: str | None
+    modules: list[dict[str, Any]]
+    ranks: dict[int, int]
+    scales: dict[float, int]
+    dtypes: dict[str, int]
+    parameters: int
+    dora: bool
+    lora_bias: bool
+    extra: list[str]
+    warnings: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inspect_source(source: PathLike, *, layout: str | None = None, base_config: PathLike | None = None,
+                   alpha: float | None = None) -> AdapterReport | CheckpointReport:
+    """Report an adapter (layout detected, and why) or, if no adapter layout matches, a stock checkpoint."""
+    from .errors import MissingConfigError, UnknownLayoutError
+    from .families import load_model_config
+    from .layouts import detect_layout
+    from .layouts.base import ReadOptions
+
+    try:
+        det = detect_layout(source, layout=layout)
+    except UnknownLayoutError:
+        if layout is not None:
+            raise
+        return inspect_checkpoint(source)
+    det.source.shapes_only = True
+    cfg = load_model_config(base_config) if base_config else None
+    warnings: list[str] = []
+    try:
+        adapter = det.layout.read(det.source, ReadOptions(base_config=cfg, alpha=alpha))
+    except MissingConfigError as e:  # e.g. loralib without --alpha: report shapes, say what is missing
+        if det.layout.name not in ("loralib", "torchtune", "peft"):
+            raise
+        adapter = det.layout.read(det.source, ReadOptions(base_config=cfg, alpha=1.0))
+        warnings.append(f"scale unknown ({e}); scales below assume alpha=1")
+    warnings += adapter.meta.notes
+    if adapter.extra:
+        warnings.append(f"full tensors {quote_list(adapter.extra, 3)} (modules_to_save / saved embeddings): vLLM "
+                        "and llama.cpp refuse them; `lora-ckpt convert --to peft --allow-lossy` drops them")
+    if adapter.uses_dora:
+        warnings.append("DoRA magnitudes: vLLM and llama.cpp do not support DoRA (merge it instead)")
+    if (det.layout.name == "torchtune" and det.source.path.is_dir()
+            and (det.source.root / "adapter_model.safetensors").is_file()):
+        warnings += _torchtune_export_check(det.source.root, cfg)
+    mods = []
+    for name, m in sorted(adapter.modules.items()):
+        mods.append({"module": name, "kind": m.kind, "rank": m.rank, "scale": m.scale,
+                     "in": m.A.shape[1], "out": m.B.shape[0], "dora": m.magnitude is not None,
+                     "bias": m.bias is not None, "dtype": str(m.A.dtype).removeprefix("torch.")})
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for m in adapter.modules.values()
+                     for t in (m.A, m.B, m.magnitude, m.bias) if t is not None)
+    return AdapterReport(
+        source=str(source), layout=det.layout.name, reason=det.reason, family=adapter.meta.family,
+        base_model=adapter.meta.base_model, modules=mods, ranks=dict(adapter.ranks()),
+        scales=dict(adapter.scales()), dtypes=dict(dtypes), parameters=adapter.num_parameters(),
+        dora=adapter.uses_dora, lora_bias=adapter.uses_bias, extra=sorted(adapter.extra), warnings=warnings)
+
+
+def _torchtune_export_check(root: Path, cfg: Any) -> list[str]:
+    """torchtune writes a PEFT-keyed copy beside adapter_model.pt; 0.6.1's is wrong for DoRA and Qwen."""
+    from .convert import compare_adapters
+    from .errors import LoraCkptError
+    from .layouts import load_adapter
+
+    try:
+        ours = load_adapter(root, layout="torchtune", base_config=cfg)
+        theirs = load_adapter(root / "adapter_model.safetensors", layout="peft", alpha=None)
+    except LoraCkptError as e:
+        return [f"could not check adapter_model.safetensors against adapter_model.pt: {e}"]
+    rep = compare_adapters(ours, theirs)
+    if rep.ok:
+        return []
+    return [f"adapter_model.safetensors (PEFT keys) disagrees with adapter_model.pt: {rep.summary()} — torchtune "
+            "0.6.1's PEFT export bug (DoRA magnitudes/use_dora, Qwen permutation); PEFT and vLLM would compute "
+            "the wrong function; use `lora-ckpt convert DIR --to peft -o OUT`"]
+
+
+def _format_adapter(rep: AdapterReport, limit: int) -> str:
+    fmt_scales = ", ".join(f"{s:g} x{n}" for s, n in sorted(rep.scales.items()))
+    lines = [f"source      {rep.source}",
+             f"layout      {rep.layout} ({rep.reason})",
+             f"family      {rep.family or 'unknown (pass --base-config)'}"
+             + (f"; base model {rep.base_model}" if rep.base_model else ""),
+             f"modules     {len(rep.modules)}" + (" (DoRA)" if rep.dora else "") + (" (lora bias)" if rep.lora_bias else ""),
+             "ranks       " + ", ".join(f"{r} x{n}" for r, n in sorted(rep.ranks.items())),
+             f"scales      {fmt_scales}",
+             "dtypes      " + ", ".join(f"{k} x{v}" for k, v in sorted(rep.dtypes.items())),
+             f"parameters  {rep.parameters:,}"]
+    if rep.extra:
+        lines.append(f"full        {', '.join(rep.extra)}")
+    rows = [("module", "rank", "scale", "in -> out", "extras")] + [
+        (m["module"], str(m["rank"]), f"{m['scale']:g}", f"{m['in']} -> {m['out']}",
+         ",".join(x for x in ("dora" if m["dora"] else "", "bias" if m["bias"] else "",
+                              "embedding" if m["kind"] == "embedding" else "") if x))
+        for m in rep.modules[:limit]]
+    lines += [""] + _table(rows)
+    if len(rep.modules) > limit:
+        lines.append(f"... and {len(rep.modules) - limit} more module(s) (--json lists all)")
+    lines += [f"warning: {w}" for w in rep.warnings]
+    return "\n".join(lines)

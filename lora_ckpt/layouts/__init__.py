@@ -10,8 +10,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..adapter import Adapter
 from ..errors import AmbiguousLayoutError, CheckpointNotFoundError, UnknownLayoutError, UsageError, quote_list
@@ -23,6 +22,9 @@ from .native import NativeLayout
 from .peft import PeftLayout
 from .simple import LlmbookLayout, LoralibLayout
 from .torchtune import TorchtuneLayout
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["LAYOUTS", "Detection", "detect_layout", "get_layout", "load_adapter", "save_adapter"]
 

@@ -12,9 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..adapter import Adapter, AdapterMeta, ModuleLoRA
 from ..errors import (
@@ -26,8 +24,11 @@ from ..errors import (
     quote_list,
 )
 from ..families import FAMILIES, Family, ModelConfig, Scheme, model_config_from_dict
-from ..files import load_tensors, read_json, read_safetensors_header
+from ..files import TensorMeta, load_tensors, read_json, tensor_index
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +44,29 @@ class Source:
     root: Path  # the directory holding the files
     weights: Path
     config_path: Path | None = None
+    shapes_only: bool = False  # read shapes and dtypes only (inspect): no torch, no data
     _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _index: dict[str, TensorMeta] | None = field(default=None, repr=False)
     _config: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, Any]:
+        """The tensors (``TensorMeta`` stand-ins when ``shapes_only``)."""
+        if self.shapes_only:
+            return self.index
         if self._tensors is None:
             self._tensors = load_tensors(self.weights)
         return self._tensors
 
+    @property
+    def index(self) -> dict[str, TensorMeta]:
+        if self._index is None:
+            self._index = tensor_index(self.weights)
+        return self._index
+
     def keys(self) -> list[str]:
-        """Tensor names, from the safetensors header when possible (no data read)."""
-        if self._tensors is None and self.weights.suffix == ".safetensors":
-            return list(read_safetensors_header(self.weights).tensors)
-        return list(self.tensors)
+        """Tensor names, read without tensor data (and without torch where possible)."""
+        return list(self.index)
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -178,7 +188,8 @@ class Layout:
                                            source_path=str(src.path), config=dict(src.config or {}),
                                            model_config=model_cfg))
         self.read_meta(src, adapter, opts)
-        self._rope(adapter, model_cfg, to_hf=True)
+        if not src.shapes_only:  # row order does not change shapes
+            self._rope(adapter, model_cfg, to_hf=True)
         adapter.check()
         return adapter
 
@@ -327,6 +338,8 @@ class Layout:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, pickle: bool = False,
                  metadata: dict[str, str] | None = None) -> None:
+    import torch
+
     if pickle:
         torch.save(tensors, path)
     else:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..adapter import Adapter, alpha_for
 from ..errors import ConfigError, MissingConfigError, quote_list
-from ..inject import matches_target
+from ..keys import matches_target
 from .base import Layout, ReadOptions, Source, WriteOptions
 
 logger = logging.getLogger(__name__)
