@@ -12,9 +12,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "Adapter": "adapter",
     "LoRALinear": "layer",
     "LoadResult": "checkpoint",
     "adapter_state_dict": "inject",
+    "convert": "convert",
+    "load_adapter": "layouts",
+    "save_adapter": "layouts",
+    "verify": "convert",
     "errors": None,
     "inject_lora": "inject",
     "inspect_checkpoint": "report",
@@ -27,6 +32,9 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import errors
+    from .adapter import Adapter
+    from .convert import convert, verify
+    from .layouts import load_adapter, save_adapter
     from .checkpoint import LoadResult, load_checkpoint, read_checkpoint
     from .inject import adapter_state_dict, inject_lora, stock_state_dict
     from .layer import LoRALinear
