@@ -51,7 +51,8 @@ def _base_config(args: argparse.Namespace) -> str | None:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .report import format_report, inspect_source
 
-    rep = inspect_source(_source(args, args.src), layout=args.from_, base_config=_base_config(args), alpha=args.alpha)
+    rep = inspect_source(_source(args, args.src), layout=args.from_, base_config=_base_config(args), alpha=args.alpha,
+                         values=args.values)
     print(json.dumps(rep.to_json(), indent=2) if args.json else format_report(rep))
     return 0
 
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  lora-ckpt inspect epoch_0/ --json", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a file or directory (or hf://ORG/NAME[@REV][/SUBDIR])")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--values", action="store_true", help="scan tensor values for NaN/Inf whatever the file size "
+                   "(default: files up to 16 MB)")
     common(p)
     p.set_defaults(handler=_cmd_inspect)
 

@@ -63,7 +63,16 @@ class VerifyReport:
                 "modules": self.modules, "only_a": self.only_a, "only_b": self.only_b, "problems": self.problems}
 
 
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (NaN payloads included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if _bitwise_equal(a, b):
+        return 0.0
     a, b = a.double(), b.double()
     denom = max(a.abs().max().item() if a.numel() else 0.0, b.abs().max().item() if b.numel() else 0.0)
     diff = (a - b).abs().max().item() if a.numel() else 0.0
@@ -72,7 +81,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _delta_rel(a: ModuleLoRA, b: ModuleLoRA) -> float:
     """Relative difference of the two updates (max-norm when explicit, Frobenius via Grams)."""
-    if a.scale == b.scale and a.A.shape == b.A.shape and torch.equal(a.A, b.A) and torch.equal(a.B, b.B):
+    if a.scale == b.scale and _bitwise_equal(a.A, b.A) and _bitwise_equal(a.B, b.B):
         return 0.0
     out, inn = a.B.shape[0], a.A.shape[1]
     if out * inn <= EXPLICIT_LIMIT:
@@ -115,6 +124,9 @@ def compare_adapters(a: Adapter, b: Adapter, *, tolerance: float | None = None) 
                 rep.problems.append(f"{name}: {what} in only one of them")
             elif ta is not None and tb is not None:
                 rel = max(rel, _rel(ta.double() * sa, tb.double() * sb))
+        if math.isnan(rel):
+            rep.problems.append(f"{name}: NaN/Inf values that are not bit-identical")
+            rel = math.inf
         rep.modules[name] = rel
         if rep.worst_module is None or rel > rep.worst:
             rep.worst, rep.worst_module = rel, name

@@ -23,21 +23,28 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "ConversionError",
+    "EntryNotFoundError",
     "HubError",
+    "HubPermissionError",
     "IncompleteAdapterError",
+    "InvalidRepoIdError",
     "KeyMismatchError",
     "LayoutError",
     "LoraCkptError",
     "LossyConversionError",
     "MergedLayerError",
     "MissingConfigError",
+    "NotCachedError",
     "OutputExistsError",
     "OutputPathError",
+    "RepoNotFoundError",
+    "RevisionNotFoundError",
     "ShapeMismatchError",
     "StateDictError",
     "TargetNotFoundError",
     "UnknownLayoutError",
     "UnsafeCheckpointError",
+    "UnsafeRepoError",
     "UnsupportedAdapterError",
     "UsageError",
     "VerificationError",
@@ -222,3 +229,49 @@ class HubError(LoraCkptError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class RepoNotFoundError(HubError, FileNotFoundError):
+    """A Hub repo that does not exist, or that the token may not see (private)."""
+
+
+class RevisionNotFoundError(HubError, FileNotFoundError):
+    """A branch, tag or commit that the Hub repo does not have."""
+
+    def __init__(self, message: str, *, repo_id: str | None = None, revision: str | None = None) -> None:
+        super().__init__(message, repo_id=repo_id)
+        self.revision = revision
+
+
+class EntryNotFoundError(HubError, FileNotFoundError):
+    """A file (or the files a layout needs) missing from a Hub repo at a revision."""
+
+    def __init__(self, message: str, *, repo_id: str | None = None, path: str | None = None) -> None:
+        super().__init__(message, repo_id=repo_id)
+        self.path = path
+
+
+class HubPermissionError(HubError, PermissionError):
+    """A gated repo, a missing or invalid token (401), or no write access (403)."""
+
+    def __init__(self, message: str, *, repo_id: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, repo_id=repo_id)
+        self.status = status
+
+
+class NotCachedError(HubError, FileNotFoundError):
+    """Offline (``HF_HUB_OFFLINE=1``) or the Hub unreachable, and the files are not in the local cache."""
+
+
+class UnsafeRepoError(HubError, ValueError):
+    """A repo listing with file names that would escape the download directory (``../x``, ``/etc/x``)."""
+
+    def __init__(self, message: str, *, repo_id: str | None = None, paths: list[str] | None = None) -> None:
+        super().__init__(message, repo_id=repo_id)
+        self.paths = paths or []
+
+
+class InvalidRepoIdError(HubError, ValueError):
+    """A repo id (or ``hf://`` path, revision, branch) that is malformed; refused before any request."""
+
+    exit_code = 2

@@ -170,6 +170,37 @@ class ModelConfig:
     raw: dict[str, Any]
     source: str = ""
 
+    def expected_shape(self, hf_module: str) -> tuple[int, int] | None:
+        """(out, in) of a Llama-style projection from the config, None when not known."""
+        raw, leaf = self.raw, hf_module.rsplit(".", 1)[-1]
+        inter = raw.get("intermediate_size") or raw.get("hidden_dim")
+        q, kv, h = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden_size
+        shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+        if inter:
+            shapes.update({"gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)})
+        if self.family is None or self.family.name == "gpt2" or not re.match(r"^model\.layers\.\d+\.", hf_module):
+            return None
+        return shapes.get(leaf)
+
+    def check_modules(self, modules: dict[str, Any], *, source: str) -> None:
+        """Every adapted module exists in this model with these dimensions (else ConfigError)."""
+        n_layers = self.raw.get("num_hidden_layers") or self.raw.get("n_layers")
+        problems = []
+        for name, m in modules.items():
+            layer = re.match(r"^model\.layers\.(\d+)\.", name)
+            if layer and n_layers is not None and int(layer[1]) >= int(n_layers):
+                problems.append(f"{name}: layer {layer[1]} but the model has {n_layers} layers")
+                continue
+            want = self.expected_shape(name)
+            got = (m.B.shape[0], m.A.shape[1])
+            if want is not None and m.kind == "linear" and not m.fan_in_fan_out and got != want:
+                problems.append(f"{name}: adapter is {got[1]}->{got[0]}, the model's is {want[1]}->{want[0]}")
+        if problems:
+            raise ConfigError(
+                f"{source}: adapter does not fit the base config {self.source or ''} ({'; '.join(problems[:3])}"
+                f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}); pass the config of the model "
+                "this adapter was trained on", path=self.source or None)
+
     def heads(self, hf_module: str) -> tuple[int, int] | None:
         """(n, head_dim) for the q/k projection ``hf_module``, None for any other module."""
         leaf = hf_module.rsplit(".", 1)[-1]

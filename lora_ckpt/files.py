@@ -8,6 +8,7 @@ reads only its header.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -310,6 +311,9 @@ def _index_shards(index: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ output
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 @contextlib.contextmanager
 def atomic_output(path: PathLike, *, force: bool = False, is_dir: bool = True,
                   inputs: tuple[PathLike, ...] = ()) -> Iterator[Path]:
@@ -331,8 +335,8 @@ def atomic_output(path: PathLike, *, force: bool = False, is_dir: bool = True,
                 f"{final}: output overlaps the input {s}; choose an output outside it", path=final)
     if final.exists() and not force:
         raise OutputExistsError(f"{final}: exists; pass --force (force=True) to replace it", path=final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)) if is_dir else \
             Path(tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)[1])
     except OSError as e:
@@ -340,7 +344,13 @@ def atomic_output(path: PathLike, *, force: bool = False, is_dir: bool = True,
                               path=final) from e
     try:
         target = tmp / "out" if is_dir else tmp
-        yield target
+        try:
+            yield target
+        except OSError as e:
+            if e.errno in _OUTPUT_ERRNOS and not isinstance(e, (FileNotFoundError,)):
+                raise OutputPathError(f"{final}: writing the output failed ({e.strerror or e}); free space or "
+                                      "choose another output; nothing was written", path=final) from e
+            raise
         if is_dir and not target.exists():
             target.mkdir()
         if final.exists():  # force: replace
@@ -480,3 +490,36 @@ def tensor_index(path: PathLike) -> dict[str, TensorMeta]:
         return _pickle_index(path)
     except _NeedTorch:
         return {n: TensorMeta(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in load_pickle(path).items()}
+
+
+#: bit patterns (little-endian words) whose exponent is all ones: NaN or Inf
+_NONFINITE = {"F32": (4, 0x7F800000, 0x00800000, 0x80000000), "BF16": (2, 0x7F80, 0x0080, 0x8000),
+              "F16": (2, 0x7C00, 0x0400, 0x8000), "F64": (8, 0x7FF0000000000000, 0x0010000000000000,
+                                                         0x8000000000000000)}
+VALUE_SCAN_LIMIT = 16_000_000  # bytes: inspect scans values of files up to this size (--values: any)
+
+
+def nonfinite_tensors(path: PathLike, header: SafetensorsHeader | None = None) -> list[str]:
+    """Names of the floating-point tensors of a safetensors file holding NaN or Inf, found
+    without torch: per word, ``(w & EXP) + LSB`` sets the top bit only when the exponent is all
+    ones; done with big-int arithmetic over 16 MB chunks (no carries cross words)."""
+    header = header or read_safetensors_header(path)
+    bad = []
+    with open(header.path, "rb") as f:
+        for t in header.tensors.values():
+            if t.dtype not in _NONFINITE or not t.nbytes:
+                continue
+            size, exp, lsb, top = _NONFINITE[t.dtype]
+            f.seek(t.begin)
+            left = t.nbytes
+            chunk_words = (16 << 20) // size
+            while left:
+                raw = f.read(min(left, chunk_words * size))
+                left -= len(raw)
+                n = len(raw) // size
+                rep = int.from_bytes(b"\x01".rjust(size, b"\x00") * n, "big")  # 1 in every word
+                x = int.from_bytes(raw, "little") & (exp * rep)
+                if (x + lsb * rep) & (top * rep):
+                    bad.append(t.name)
+                    break
+    return bad

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import quote_list
-from .files import DTYPES, PathLike, checkpoint_files, read_safetensors_header
+from .files import DTYPES, VALUE_SCAN_LIMIT, PathLike, checkpoint_files, nonfinite_tensors, read_safetensors_header
 from .keys import split_key
 
 __all__ = ["AdapterReport", "CheckpointReport", "format_report", "inspect_checkpoint", "inspect_source"]
@@ -166,8 +166,11 @@ class AdapterReport:
 
 
 def inspect_source(source: PathLike, *, layout: str | None = None, base_config: PathLike | None = None,
-                   alpha: float | None = None) -> AdapterReport | CheckpointReport:
-    """Report an adapter (layout detected, and why) or, if no adapter layout matches, a stock checkpoint."""
+                   alpha: float | None = None, values: bool = False) -> AdapterReport | CheckpointReport:
+    """Report an adapter (layout detected, and why) or, if no adapter layout matches, a stock checkpoint.
+
+    NaN/Inf values are looked for in safetensors files up to 16 MB (any size with ``values``),
+    without torch."""
     from .errors import MissingConfigError, UnknownLayoutError
     from .families import load_model_config
     from .layouts import detect_layout
@@ -190,6 +193,12 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
         adapter = det.layout.read(det.source, ReadOptions(base_config=cfg, alpha=1.0))
         warnings.append(f"scale unknown ({e}); scales below assume alpha=1")
     warnings += adapter.meta.notes
+    w = det.source.weights
+    if w.suffix == ".safetensors" and (values or w.stat().st_size <= VALUE_SCAN_LIMIT):
+        bad = nonfinite_tensors(w)
+        if bad:
+            warnings.append(f"{len(bad)} tensor(s) hold NaN/Inf: {quote_list(bad, 3)}; the adapter computes NaN/Inf "
+                            "where they are used (convert keeps them bit-for-bit)")
     if adapter.extra:
         warnings.append(f"full tensors {quote_list(adapter.extra, 3)} (modules_to_save / saved embeddings): vLLM "
                         "and llama.cpp refuse them; `lora-ckpt convert --to peft --allow-lossy` drops them")

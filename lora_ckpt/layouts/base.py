@@ -181,7 +181,15 @@ class Layout:
                     f"{src.path}: {self.name} module {name!r} maps to no {family.name if family else 'known'} "
                     f"model module; expected names like {quote_list(list(names.modules.table.values())[:3])}",
                     layout=self.name, path=str(src.path))
+            if hf in modules:
+                raise LayoutError(f"{src.path}: two {self.name} modules map to {hf!r}; expected one; the file mixes "
+                                  "two namings of the same module", layout=self.name, path=str(src.path))
             modules[hf] = self._module(src, name, parts)
+        if not modules:
+            raise LayoutError(f"{src.path}: no adapter tensors (keys ending in {quote_list(self.leaves.values())}); "
+                              "the adapter is empty", layout=self.name, path=str(src.path))
+        if model_cfg is not None:
+            model_cfg.check_modules(modules, source=str(src.path))
         adapter = Adapter(modules=modules, extra={k[len(self.prefix):] if k.startswith(self.prefix) else k: v
                                                   for k, v in extra.items()},
                           meta=AdapterMeta(family=family.name if family else None, source_layout=self.name,
@@ -190,6 +198,10 @@ class Layout:
         self.read_meta(src, adapter, opts)
         if not src.shapes_only:  # row order does not change shapes
             self._rope(adapter, model_cfg, to_hf=True)
+            bad = nonfinite(src.tensors)
+            if bad:
+                adapter.meta.notes.append(f"{len(bad)} tensor(s) hold NaN/Inf ({quote_list(bad, 3)}); they are kept "
+                                          "bit-for-bit, but the adapter computes NaN/Inf where they are used")
         adapter.check()
         return adapter
 
@@ -227,7 +239,15 @@ class Layout:
                           kind="embedding" if emb else "linear")
 
     def check_extra(self, src: Source, extra: dict[str, torch.Tensor]) -> None:
-        """Tensors that are not adapter factors: refused unless the layout carries full tensors."""
+        """Tensors that are not adapter factors: refused unless the layout carries full tensors; and
+        never a tensor that looks like an adapter factor under another prefix (consumers skip those
+        silently)."""
+        stray = [k for k in extra if re.search(rf"\.({'|'.join(map(re.escape, self.leaves.values()))})$", k)]
+        if stray:
+            raise LayoutError(
+                f"{src.path}: adapter tensor(s) without the {self.name} key prefix {self.prefix!r}: {quote_list(stray)}; "
+                "consumers ignore such keys silently; fix the prefix (or pass --from with the right layout)",
+                layout=self.name, path=str(src.path))
         if extra and "extra" not in self.features:
             raise LayoutError(
                 f"{src.path}: {len(extra)} tensor(s) are not {self.name} adapter tensors: {quote_list(extra)}; "
@@ -334,6 +354,13 @@ class Layout:
         save_tensors(tensors, out / self.weight_files[0], pickle=self.pickle)
         self.write_config(adapter, out, replace(opts, base_config=model_cfg))
         return adapter
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or Inf."""
+    import torch
+
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, pickle: bool = False,

@@ -166,9 +166,9 @@ def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
         cfg["use_dora"] = True
     if adapter.uses_bias:
         cfg["lora_bias"] = True
-    for n, m in mods.items():  # every pattern key must select exactly its own module
-        if any(n != o and re.match(rf"(.*\.)?({n})$", o) for o in mods if n in rank_pattern or n in alpha_pattern):
-            raise ConfigError(f"cannot express per-module rank/alpha of {n!r} with PEFT patterns unambiguously")
+    for key in {**rank_pattern, **alpha_pattern}:  # each full-name pattern must select only its module
+        if any(other != key and re.match(rf"(.*\.)?({key})$", other) for other in mods):
+            raise ConfigError(f"cannot express the rank/alpha of {key!r} with a PEFT pattern that selects only it")
     return cfg
 
 
