@@ -18,9 +18,18 @@ from typing import Any, Literal
 from .errors import ConfigError, ConversionError, MissingConfigError
 from .files import PathLike, read_json
 
-__all__ = ["FAMILIES", "Family", "ModelConfig", "NameMap", "Scheme", "family_for_model_type", "load_model_config"]
+__all__ = ["FAMILIES", "Family", "Fused", "ModelConfig", "NameMap", "Scheme", "family_for_model_type",
+           "is_embedding", "load_model_config"]
 
-Scheme = Literal["hf", "torchtune", "meta"]
+Scheme = Literal["hf", "torchtune", "meta", "litgpt"]
+
+#: leaf names of token-embedding modules (LoRA on them is an embedding LoRA, ΔW transposed)
+EMBEDDING_LEAVES = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embed_in")
+
+
+def is_embedding(module: str) -> bool:
+    """Whether ``module`` (any naming scheme) is a token embedding."""
+    return module.rsplit(".", 1)[-1] in EMBEDDING_LEAVES
 
 _LLAMA_TUNE = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -56,6 +65,30 @@ _LLAMA_META = {
     "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
     "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+# LitGPT (litgpt/scripts/convert_hf_checkpoint.py weight_map for Llama-style models). q/k/v are
+# one fused ``attn.qkv`` there: see _LLAMA_LITGPT_FUSED.
+_LLAMA_LITGPT = {
+    "model.embed_tokens.weight": "transformer.wte.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "transformer.h.{}.attn.proj.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "transformer.h.{}.mlp.fc_1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "transformer.h.{}.mlp.fc_2.weight",
+    "model.layers.{}.mlp.down_proj.weight": "transformer.h.{}.mlp.proj.weight",
+    "model.layers.{}.input_layernorm.weight": "transformer.h.{}.norm_1.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "transformer.h.{}.norm_2.weight",
+    "model.norm.weight": "transformer.ln_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+# torchtune's _PHI3_MINI (torchtune/models/phi3/_convert_weights.py): the one-to-one part; the fused
+# qkv_proj / gate_up_proj are _PHI3_TUNE_FUSED.
+_PHI3_TUNE = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.output_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w2.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
+    "model.norm.weight": "norm.scale",
     "lm_head.weight": "output.weight",
 }
 # Mixtral with per-expert Linear modules (transformers 4.x names; v5 fuses experts).
@@ -106,6 +139,64 @@ IDENTITY = NameMap({})
 
 
 @dataclass(frozen=True)
+class Fused:
+    """A many-to-one module correspondence (formats.md §13): one side has a fused projection
+    whose output rows are the concatenation of the other side's projections, in order.
+
+    Exactly one of ``hf`` / ``other`` has one template (the fused module); the other lists the
+    parts in row order. ``rows`` says how the fused rows divide: ``"qkv"`` is
+    (n_heads·head_dim, n_kv_heads·head_dim, n_kv_heads·head_dim), ``"equal"`` is equal blocks.
+    """
+
+    hf: tuple[str, ...]  # HF module templates ("{}" = layer index)
+    other: tuple[str, ...]  # the scheme's module templates
+    rows: Literal["qkv", "equal"]
+
+    def __post_init__(self) -> None:
+        if sorted((len(self.hf), len(self.other)))[0] != 1 or len(self.hf) == len(self.other):
+            raise ValueError(f"a Fused entry needs one template on one side and several on the other: {self}")
+
+    @property
+    def fused_in_hf(self) -> bool:
+        """Whether the HF side is the fused one (Phi-3 ``qkv_proj``) or the scheme's (LitGPT ``qkv``)."""
+        return len(self.hf) == 1
+
+    def sizes(self, cfg: ModelConfig | None, total: int) -> tuple[int, ...]:
+        """Row counts of the parts of a fused module with ``total`` rows."""
+        n = max(len(self.hf), len(self.other))
+        if self.rows == "equal":
+            if total % n:
+                raise ConversionError(f"{total} rows do not split into {n} equal parts")
+            return (total // n,) * n
+        if cfg is None:
+            raise MissingConfigError(
+                "splitting a fused q/k/v projection needs the head counts; pass --base-config with the base "
+                "model's config.json")
+        sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+        if total != sum(sizes):
+            raise ConversionError(
+                f"a fused q/k/v projection with {total} rows does not fit the base config's "
+                f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv heads of size {cfg.head_dim} ({sum(sizes)} rows); "
+                "pass the --base-config this adapter was trained on")
+        return sizes
+
+
+_LLAMA_LITGPT_FUSED = (Fused(hf=("model.layers.{}.self_attn.q_proj", "model.layers.{}.self_attn.k_proj",
+                                 "model.layers.{}.self_attn.v_proj"), other=("transformer.h.{}.attn.qkv",), rows="qkv"),)
+_PHI3_TUNE_FUSED = (
+    Fused(hf=("model.layers.{}.self_attn.qkv_proj",),
+          other=("layers.{}.attn.q_proj", "layers.{}.attn.k_proj", "layers.{}.attn.v_proj"), rows="qkv"),
+    Fused(hf=("model.layers.{}.mlp.gate_up_proj",), other=("layers.{}.mlp.w1", "layers.{}.mlp.w3"), rows="equal"),
+)
+# mlx-lm stacks MoE experts into one SwitchLinear (``switch_mlp``): mlx template -> HF per-expert
+# template (the expert index is the last "{}"); mlx_lm/models/{mixtral,qwen2_moe,qwen3_moe}.py sanitize().
+_MIXTRAL_MLX_EXPERTS = {f"model.layers.{{}}.block_sparse_moe.switch_mlp.{mlx}": f"model.layers.{{}}.block_sparse_moe.experts.{{}}.{hf}"
+                        for mlx, hf in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))}
+_QWEN_MOE_MLX_EXPERTS = {f"model.layers.{{}}.mlp.switch_mlp.{p}": f"model.layers.{{}}.mlp.experts.{{}}.{p}"
+                         for p in ("gate_proj", "up_proj", "down_proj")}
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: its name maps and whether torchtune keeps q/k interleaved for it."""
 
@@ -114,6 +205,8 @@ class Family:
     maps: dict[str, dict[str, str]] = field(default_factory=dict)  # scheme -> HF->scheme table
     torchtune_interleaved: bool = True  # torchtune permutes Llama/Mistral/Gemma q/k; never Qwen
     rope: bool = True  # has q/k projections with rotary embeddings
+    fused: dict[str, tuple[Fused, ...]] = field(default_factory=dict)  # scheme -> many-to-one modules
+    stacked_experts: dict[str, str] = field(default_factory=dict)  # mlx switch_mlp template -> HF expert template
 
     def names(self, scheme: Scheme) -> NameMap:
         if scheme == "hf":
@@ -127,15 +220,22 @@ class Family:
         """Whether q/k rows are interleaved (Meta order) in this naming scheme's checkpoints."""
         if not self.rope or scheme == "hf":
             return False
-        return scheme == "meta" or self.torchtune_interleaved
+        return scheme == "meta" or (scheme == "torchtune" and self.torchtune_interleaved)
 
+
+_LITGPT = {"litgpt": _LLAMA_LITGPT}
+_LITGPT_FUSED = {"litgpt": _LLAMA_LITGPT_FUSED}
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("llama", ("llama",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META}),
-    Family("mistral", ("mistral",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META}),
-    Family("mixtral", ("mixtral",), {"meta": _MIXTRAL_META}),
-    Family("qwen2", ("qwen2",), {"torchtune": _QWEN2_TUNE}, torchtune_interleaved=False),
+    Family("llama", ("llama",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META, **_LITGPT}, fused=_LITGPT_FUSED),
+    Family("mistral", ("mistral",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META, **_LITGPT}, fused=_LITGPT_FUSED),
+    Family("mixtral", ("mixtral",), {"meta": _MIXTRAL_META}, stacked_experts=_MIXTRAL_MLX_EXPERTS),
+    Family("qwen2", ("qwen2",), {"torchtune": _QWEN2_TUNE, **_LITGPT}, torchtune_interleaved=False,
+           fused=_LITGPT_FUSED),
     Family("qwen3", ("qwen3",), {"torchtune": _LLAMA_TUNE}, torchtune_interleaved=False),
+    Family("qwen2_moe", ("qwen2_moe",), {}, stacked_experts=_QWEN_MOE_MLX_EXPERTS),
+    Family("qwen3_moe", ("qwen3_moe",), {}, stacked_experts=_QWEN_MOE_MLX_EXPERTS),
+    Family("phi3", ("phi3",), {"torchtune": _PHI3_TUNE}, torchtune_interleaved=False, fused={"torchtune": _PHI3_TUNE_FUSED}),
     Family("gemma", ("gemma",), {"torchtune": {k: v for k, v in _LLAMA_TUNE.items() if k != "lm_head.weight"}}),
     Family("gemma2", ("gemma2",), {"torchtune": {k: v for k, v in _GEMMA2_TUNE.items() if k != "lm_head.weight"}}),
     Family("gemma3", ("gemma3", "gemma3_text"), {}),
@@ -200,6 +300,19 @@ class ModelConfig:
                 f"{source}: adapter does not fit the base config {self.source or ''} ({'; '.join(problems[:3])}"
                 f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}); pass the config of the model "
                 "this adapter was trained on", path=self.source or None)
+
+    @property
+    def n_layers(self) -> int | None:
+        """Number of transformer blocks, if the config says."""
+        n = self.raw.get("num_hidden_layers") or self.raw.get("n_layers") or self.raw.get("n_layer")
+        return int(n) if n else None
+
+    @property
+    def n_experts(self) -> int | None:
+        """Number of MoE experts per layer, if any."""
+        moe = self.raw.get("moe") if isinstance(self.raw.get("moe"), dict) else {}
+        n = self.raw.get("num_local_experts") or self.raw.get("num_experts") or moe.get("num_experts")
+        return int(n) if n else None
 
     def heads(self, hf_module: str) -> tuple[int, int] | None:
         """(n, head_dim) for the q/k projection ``hf_module``, None for any other module."""

@@ -112,11 +112,26 @@ def load_adapter(source: PathLike, *, layout: str | None = None,
     logger.debug("%s: %s layout (%s)", source, det.layout.name, det.reason)
     adapter = det.layout.read(det.source, ReadOptions(base_config=_model_config(base_config), alpha=alpha))
     base = adapter.meta.base_model
-    if adapter.meta.model_config is None and base and (Path(base) / "config.json").is_file():
-        adapter.meta.model_config = load_model_config(Path(base) / "config.json")
-        adapter.meta.family = adapter.meta.family or (adapter.meta.model_config.family.name
-                                                      if adapter.meta.model_config.family else None)
-        adapter.meta.notes.append(f"base model config read from base_model_name_or_path {base!r}")
+    if adapter.meta.model_config is None and base:
+        cfg, how = None, None
+        if (Path(base) / "config.json").is_file():
+            cfg = load_model_config(Path(base) / "config.json")
+            how = f"base model config read from base_model_name_or_path {base!r}"
+        else:  # a Hub repo id: only its config.json, cache first; a failure is a note, never an error here
+            from ..errors import LoraCkptError
+            from ..hub import fetch_model_config
+
+            path, how = fetch_model_config(base)
+            if path is not None:
+                try:
+                    cfg = load_model_config(path)
+                except LoraCkptError as e:  # a conversion that needs it raises MissingConfigError later
+                    how = f"{how}, but it is not usable: {e}"
+        if cfg is not None:
+            adapter.meta.model_config = cfg
+            adapter.meta.family = adapter.meta.family or (cfg.family.name if cfg.family else None)
+        if how:
+            adapter.meta.notes.append(how)
     return adapter
 
 

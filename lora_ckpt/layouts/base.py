@@ -20,6 +20,7 @@ from ..errors import (
     LayoutError,
     LossyConversionError,
     MissingConfigError,
+    OutputPathError,
     UnsupportedAdapterError,
     quote_list,
 )
@@ -365,22 +366,17 @@ def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, pickle: bool = False,
                  metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (safetensors, or a torch pickle); a failed write is an :class:`OutputPathError`."""
     import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
-    if pickle:
-        torch.save(tensors, path)
-    else:
-        from safetensors.torch import save_file
-
-        save_file(tensors, path, metadata=metadata if metadata is not None else {"format": "pt"})
-
-
-def _drop(adapter: Adapter, features: frozenset[str]) -> Adapter:
-    mods = {}
-    for n, m in adapter.modules.items():
-        if m.kind == "embedding" and "embedding" not in features:
-            continue
-        mods[n] = replace(m, magnitude=m.magnitude if "dora" in features else None,
-                          bias=m.bias if "bias" in features else None)
-    return Adapter(mods, adapter.extra if "extra" in features else {}, adapter.meta)
-
+    try:
+        if pickle:
+            torch.save(tensors, path)
+        else:
+            save_file(tensors, path, metadata=metadata if metadata is not None else {"format": "pt"})
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch reports a full disk as RuntimeError
+        reason = (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
+        raise OutputPathError(f"{path}: writing the output failed ({reason}); free space or choose another "
+                              "output; nothing was written", path=path) from e
