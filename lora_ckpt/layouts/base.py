@@ -24,7 +24,7 @@ from ..errors import (
     UnsupportedAdapterError,
     quote_list,
 )
-from ..families import FAMILIES, Family, ModelConfig, Scheme, model_config_from_dict
+from ..families import FAMILIES, Family, Fused, ModelConfig, NameMap, Scheme, is_embedding, model_config_from_dict
 from ..files import TensorMeta, load_tensors, read_json, tensor_index
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 
@@ -108,6 +108,9 @@ class Layout:
     one_rank: ClassVar[bool] = False  # the layout has a single global rank
     one_scale: ClassVar[float | bool] = False  # single global scale (True), or a fixed value
     pickle: ClassVar[bool] = False  # weights written with torch.save instead of safetensors
+    # how a fused module's LoRA is stored (lora_ckpt.fused): one shared A ("plain") or one A per part ("grouped")
+    fused_lora: ClassVar[Literal["plain", "grouped"]] = "plain"
+    legacy_names: ClassVar[dict[str, str]] = {}  # module template now -> older template accepted on read
 
     # ---------------------------------------------------------------- per-layout hooks
     def detect(self, src: Source) -> str | None:
@@ -124,6 +127,15 @@ class Layout:
     def unsupported(self, src: Source) -> str | None:
         """A reason to refuse this input outright (e.g. AdaLoRA), else None."""
         return None
+
+    def enabled_parts(self, src: Source, entry: Fused) -> tuple[bool, ...] | None:
+        """Which parts a grouped fused module of ``entry`` holds, per the config (None: infer from shapes)."""
+        return None
+
+    def modules_of(self, src: Source, name: str, parts: dict[Role, Any], family: Family | None,
+                   ) -> dict[str, ModuleLoRA]:
+        """The canonical module(s) one parsed module of the file holds (mlx-lm's stacked experts hold many)."""
+        return {name: self._module(src, name, parts)}
 
     # ------------------------------------------------------------------- locating
     def locate(self, path: Path) -> Source | None:
@@ -149,8 +161,10 @@ class Layout:
         m = self._leaf_regex().match(key)
         if not m:
             return None
-        role = next(r for r, leaf in self.leaves.items() if leaf == m["leaf"])
-        return m["module"], role
+        roles = [r for r, leaf in self.leaves.items() if leaf == m["leaf"]]
+        if len(roles) > 1:  # one leaf for Linear and Embedding factors (mlx-lm): the module decides
+            roles = [r for r in roles if r.startswith("emb_") == is_embedding(m["module"])] or roles
+        return m["module"], roles[0]
 
     def key(self, module: str, role: Role) -> str:
         return f"{self.prefix}{module}.{self.leaves[role]}"
@@ -171,21 +185,16 @@ class Layout:
         self.check_extra(src, extra)
         model_cfg = opts.base_config or self.implied_model_config(src)
         family = model_cfg.family if model_cfg else None
-        names = family.names(self.scheme) if family else None
-        if self.scheme != "hf" and names is None:
-            names = self._guess_names(groups)
-        modules: dict[str, ModuleLoRA] = {}
+        names_family = family if family is not None or self.scheme == "hf" else self._guess_family(groups)
+        raw: dict[str, ModuleLoRA] = {}
         for name, parts in groups.items():
-            hf = name if self.scheme == "hf" else names.modules.to_hf(name)  # type: ignore[union-attr]
-            if hf is None:
-                raise LayoutError(
-                    f"{src.path}: {self.name} module {name!r} maps to no {family.name if family else 'known'} "
-                    f"model module; expected names like {quote_list(list(names.modules.table.values())[:3])}",
-                    layout=self.name, path=str(src.path))
-            if hf in modules:
-                raise LayoutError(f"{src.path}: two {self.name} modules map to {hf!r}; expected one; the file mixes "
-                                  "two namings of the same module", layout=self.name, path=str(src.path))
-            modules[hf] = self._module(src, name, parts)
+            for mod_name, m in self.modules_of(src, self._current_name(name), parts, names_family).items():
+                if mod_name in raw:
+                    raise LayoutError(f"{src.path}: two {self.name} modules are named {mod_name!r}; expected one; "
+                                      "the file mixes two namings of the same module", layout=self.name,
+                                      path=str(src.path))
+                raw[mod_name] = m
+        modules = self._to_hf(src, raw, names_family, model_cfg)
         if not modules:
             raise LayoutError(f"{src.path}: no adapter tensors (keys ending in {quote_list(self.leaves.values())}); "
                               "the adapter is empty", layout=self.name, path=str(src.path))
@@ -206,16 +215,53 @@ class Layout:
         adapter.check()
         return adapter
 
-    def _guess_names(self, groups: dict[str, Any]) -> Any:
-        """Without a model config, find the family whose name map knows every module (for the name
-        map only; RoPE still needs the config when the family permutes)."""
+    def _current_name(self, name: str) -> str:
+        for now, old in self.legacy_names.items():
+            current = NameMap({now: old}).to_hf(name)
+            if current is not None:
+                return current
+        return name
+
+    def _guess_family(self, groups: dict[str, Any]) -> Family:
+        """Without a model config, find the family whose names know every module (for the names
+        only; RoPE and fused q/k/v rows still need the config)."""
+        names = [self._current_name(n) for n in groups]
         for fam in FAMILIES.values():
             if self.scheme in fam.maps:
                 nm = fam.names(self.scheme).modules
-                if all(nm.to_hf(n) is not None for n in groups):
-                    return fam.names(self.scheme)
+                fused = NameMap({t: t for fe in fam.fused.get(self.scheme, ()) for t in fe.other})
+                if all(nm.to_hf(n) is not None or fused.to_hf(n) is not None for n in names):
+                    return fam
         raise LayoutError(f"no model family's {self.scheme} names fit modules {quote_list(groups)}",
                           layout=self.name)
+
+    def _to_hf(self, src: Source, raw: dict[str, ModuleLoRA], family: Family | None,
+               model_cfg: ModelConfig | None) -> dict[str, ModuleLoRA]:
+        """Modules named in this layout's scheme -> HF names, splitting/fusing what the family fuses."""
+        if self.scheme == "hf" or family is None:
+            return raw
+        from .. import fused
+
+        entries = family.fused.get(self.scheme, ())
+        enabled = {fe: on for fe in entries if (on := self.enabled_parts(src, fe)) is not None}
+        split, used = fused.separate(entries, raw, model_cfg, to_hf=True, grouped=self.fused_lora == "grouped",
+                                     enabled=enabled)
+        joined, used2 = fused.join(entries, {n: m for n, m in raw.items() if n not in used}, model_cfg, to_hf=True)
+        names = family.names(self.scheme).modules
+        modules = {**split, **joined}
+        for name, m in raw.items():
+            if name in used or name in used2:
+                continue
+            hf = names.to_hf(name)
+            if hf is None:
+                raise LayoutError(
+                    f"{src.path}: {self.name} module {name!r} maps to no {family.name} model module; expected names "
+                    f"like {quote_list(list(names.table.values())[:3])}", layout=self.name, path=str(src.path))
+            if hf in modules:
+                raise LayoutError(f"{src.path}: two {self.name} modules map to {hf!r}; expected one; the file mixes "
+                                  "two namings of the same module", layout=self.name, path=str(src.path))
+            modules[hf] = m
+        return modules
 
     def _module(self, src: Source, name: str, parts: dict[Role, torch.Tensor]) -> ModuleLoRA:
         emb = "emb_A" in parts or "emb_B" in parts
@@ -330,11 +376,7 @@ class Layout:
         if self.scheme != "hf" and names is None:
             raise MissingConfigError(f"{self.name} names modules by model family; pass --base-config")
         out: dict[str, torch.Tensor] = {}
-        for hf, m in work.modules.items():
-            name = hf if names is None else names.to_other(hf)
-            if name is None:
-                raise ConversionError(f"module {hf!r} has no {self.name} name for model family "
-                                      f"{family.name if family else '?'}; {self.name} cannot hold it")
+        for name, m in self._from_hf(work.modules, family, model_cfg).items():
             A, B = (m.A.T, m.B.T) if self.transposed else (m.A, m.B)
             roles: Iterable[tuple[Role, torch.Tensor | None]] = (
                 ("emb_A" if m.kind == "embedding" else "A", A), ("emb_B" if m.kind == "embedding" else "B", B),
@@ -344,6 +386,29 @@ class Layout:
                     out[self.key(name, role)] = t.contiguous()
         for k, v in work.extra.items():
             out[self.prefix + k] = v.contiguous()
+        return out
+
+    def _from_hf(self, modules: dict[str, ModuleLoRA], family: Family | None,
+                 model_cfg: ModelConfig | None) -> dict[str, ModuleLoRA]:
+        """HF-named modules -> this layout's scheme, splitting/fusing what the family fuses."""
+        if self.scheme == "hf" or family is None:
+            return modules
+        from .. import fused
+
+        entries = family.fused.get(self.scheme, ())
+        split, used = fused.separate(entries, modules, model_cfg, to_hf=False)
+        joined, used2 = fused.join(entries, {n: m for n, m in modules.items() if n not in used}, model_cfg,
+                                   to_hf=False, grouped=self.fused_lora == "grouped")
+        names = family.names(self.scheme).modules
+        out = {**split, **joined}
+        for hf, m in modules.items():
+            if hf in used or hf in used2:
+                continue
+            name = names.to_other(hf)
+            if name is None:
+                raise ConversionError(f"module {hf!r} has no {self.name} name for model family {family.name}; "
+                                      f"{self.name} cannot hold it")
+            out[name] = m
         return out
 
     def write(self, adapter: Adapter, out: Path, opts: WriteOptions) -> Adapter:
