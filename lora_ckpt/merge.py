@@ -192,9 +192,12 @@ class _Planner:
                  cfg: ModelConfig | None, *, to: Target, dtype: torch.dtype | None, untie: bool) -> None:
         self.sources, self.adapter, self.raw, self.cfg = sources, adapter, raw or {}, cfg
         self.to, self.dtype, self.untie = to, dtype, untie
-        self.problems: list[str] = []
+        self.problems: dict[str, list[str]] = {}  # what is wrong -> where
         self.untied = False
         self.replaced = 0
+
+    def _problem(self, what: str, where: str) -> None:
+        self.problems.setdefault(what, []).append(where)
 
     def _resolve(self, key: str) -> str | None:
         if key in self.sources:
@@ -209,12 +212,13 @@ class _Planner:
         if tied:
             self._tied(outs, embed_key)  # type: ignore[arg-type]
         for key, t in self.adapter.extra.items():  # modules_to_save / saved (or resized) embeddings
-            target = self._resolve(key.replace(".base_layer.", ".")) or (key if key in outs else None)
+            plain = key.replace(".base_layer.", ".")
+            target = self._resolve(plain) or (plain if plain in outs else None)
             if target is None:
-                self.problems.append(f"adapter tensor {key!r} replaces no base tensor")
+                self._problem("full adapter tensors (modules_to_save) replace no base tensor", repr(key))
             elif tuple(t.shape) != outs[target].shape:
-                self.problems.append(f"adapter tensor {key!r} is {tuple(t.shape)}, base {target!r} is "
-                                     f"{outs[target].shape}")
+                self._problem("full adapter tensors differ in shape from the base's",
+                              f"{key!r} {tuple(t.shape)} vs {outs[target].shape}")
             else:
                 outs[target].tensor, outs[target].src = t, None
                 self.replaced += 1
@@ -222,10 +226,9 @@ class _Planner:
         for name, m in self.adapter.modules.items():
             self._module(outs, name, m, conv1d)
         if self.problems:
-            raise ConversionError(
-                f"cannot merge this adapter into this base: {'; '.join(self.problems[:5])}"
-                + (f" and {len(self.problems) - 5} more" if len(self.problems) > 5 else "")
-                + "; expected an adapter trained on this base model")
+            found = "; ".join(f"{what}: {quote_list(where, 3)}" for what, where in self.problems.items())
+            raise ConversionError(f"cannot merge this adapter into this base: {found}; expected an adapter "
+                                  "trained on this base model")
         plan = list(outs.values())
         for o in plan:
             if self.dtype is not None and o.dtype in FLOAT_CODES:
@@ -257,14 +260,15 @@ class _Planner:
     def _module(self, outs: dict[str, _Out], name: str, m: ModuleLoRA, conv1d: bool) -> None:
         key = self._resolve(f"{name}.weight") or (f"{name}.weight" if f"{name}.weight" in outs else None)
         if key is None:
-            self.problems.append(f"module {name!r} has no base weight {name + '.weight'!r}")
+            self._problem("adapter modules have no base weight", f"{name}.weight")
             return
         o = outs[key]
         if o.lora is not None:
-            self.problems.append(f"two adapter modules target {key!r}")
+            self._problem("several adapter modules target one weight", key)
             return
         if (o.src.dtype if o.src is not None else _CODE.get(o.tensor.dtype)) not in FLOAT_CODES:  # type: ignore[union-attr]
-            self.problems.append(f"{key!r} is {o.dtype}, not a float tensor (quantised base?); merge needs a float base")
+            self._problem("targets are not float tensors (a quantised base? merge needs a float one)",
+                          f"{key} ({o.dtype})")
             return
         out_f, in_f = m.B.shape[0], m.A.shape[1]
         transposed = m.kind == "embedding" or m.fan_in_fan_out or (conv1d and m.kind == "linear")
@@ -272,18 +276,17 @@ class _Planner:
             logger.info("%s: GPT-2 Conv1D weight stored (in, out): merged with fan_in_fan_out (as PEFT does)", name)
         expected = (in_f, out_f) if transposed else (out_f, in_f)
         if o.shape != expected:
-            self.problems.append(f"{key!r} is {o.shape}, the adapter's update is {expected}")
+            self._problem("base weights differ in shape from the adapter's update", f"{key} {o.shape} vs {expected}")
             return
         if m.magnitude is not None and m.kind == "embedding":
-            self.problems.append(f"{name!r}: DoRA on an embedding is not supported by merge")
+            self._problem("DoRA on an embedding is not supported by merge", name)
             return
         o.lora, o.transposed = m, transposed
         if m.bias is not None:
             bias_key = self._resolve(f"{name}.bias")
             if bias_key is None:
-                self.problems.append(
-                    f"{name!r} has lora_B.bias but the base has no {name + '.bias'!r} (PEFT refuses this merge "
-                    "too): the merged architecture cannot hold it")
+                self._problem("modules have lora_B.bias but the base has no bias there, so the merged architecture "
+                              "cannot hold it (PEFT refuses this merge too)", f"{name}.bias")
             else:
                 outs[bias_key].add = m.bias.float() * m.scale
 
