@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib.metadata
+import json
 import logging
 import re
 import shutil
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from .adapter import Adapter
     from .families import ModelConfig
 
-__all__ = ["HubSource", "fetch_model_config", "parse_hf_url", "pull", "push", "resolve_source"]
+__all__ = ["HubSource", "fetch_model_config", "model_card", "parse_hf_url", "pull", "push", "resolve_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +156,11 @@ def _hub_errors(repo_id: str, revision: str | None = None, *, writing: bool = Fa
                                  "and revision", repo_id=repo_id, path=path) from e
     except (hf.LocalEntryNotFoundError, hf.RevisionResolutionError, hf.CachedRepoTreeNotFoundError,
             hf.OfflineModeIsEnabled) as e:
-        why = "HF_HUB_OFFLINE=1 is set" if constants.is_offline_mode() else "the Hub could not be reached"
-        raise NotCachedError(f"{at}: not in the local cache ({constants.HF_HUB_CACHE}) and {why}; download it "
-                             "once online (unset HF_HUB_OFFLINE)", repo_id=repo_id) from e
+        why, fix = (("HF_HUB_OFFLINE=1 is set", "unset HF_HUB_OFFLINE and run once online")
+                    if constants.is_offline_mode() else
+                    (f"{constants.ENDPOINT} could not be reached", "check the network and run it again"))
+        raise NotCachedError(f"{at}: not in the local cache ({constants.HF_HUB_CACHE}) and {why}; {fix}",
+                             repo_id=repo_id) from e
     except hf.HfHubHTTPError as e:
         status = _status(e)
         detail = (getattr(e, "server_message", None) or str(e)).strip().splitlines()[0][:200]
@@ -246,7 +249,7 @@ def _download(src: HubSource, *, layout: str | None, quiet: bool) -> tuple[Path,
         folder = Path(snapshot_download(src.repo_id, revision=rev, allow_patterns=[glob.escape(f) for f in files],
                                         local_files_only=offline))
     path = (folder / target) if target else folder
-    if not path.resolve().is_relative_to(folder.resolve().parent.parent.parent):  # the repo's cache folder
+    if not path.resolve().is_relative_to(folder.resolve().parent.parent):  # the repo's cache folder
         raise UnsafeRepoError(f"{src}: resolved outside the cache ({path})", repo_id=src.repo_id, paths=[target])
     return folder, path, files
 
@@ -344,6 +347,17 @@ def _reachable(url: str) -> bool:
     return True
 
 
+def _is_hub_id(value: str | None) -> bool:
+    """Whether ``value`` names a Hub repo (not a local path)."""
+    if not value or value.startswith(("/", ".", "~")) or Path(value).exists():
+        return False
+    try:
+        _check_repo_id(value)
+    except InvalidRepoIdError:
+        return False
+    return True
+
+
 def fetch_model_config(repo_id: str) -> tuple[Path | None, str | None]:
     """The base model's ``config.json`` from the Hub (or the cache), never raising.
 
@@ -352,11 +366,7 @@ def fetch_model_config(repo_id: str) -> tuple[Path | None, str | None]:
     """
     from huggingface_hub import constants, hf_hub_download, hf_hub_url
 
-    if Path(repo_id).exists() or repo_id.startswith(("/", ".", "~")):
-        return None, None
-    try:
-        _check_repo_id(repo_id)
-    except InvalidRepoIdError:
+    if not _is_hub_id(repo_id):
         return None, None
     try:
         with _hub_errors(repo_id), _progress(True):
@@ -377,23 +387,14 @@ def fetch_model_config(repo_id: str) -> tuple[Path | None, str | None]:
 
 # ------------------------------------------------------------------------------ push
 def _describe(path: Path) -> str:
-    """``hf://org/name@sha/sub`` for a path inside the HF cache, else the path."""
+    """``hf://org/name@sha/sub`` for a path inside the HF cache; a relative path as given; for an
+    absolute one only its last component (a public card should not show the uploader's directories)."""
     parts = path.absolute().parts
     for i in range(len(parts) - 2):
         if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
             repo = "/".join(parts[i].split("--")[1:])
             return f"hf://{repo}@{parts[i + 2]}" + "".join(f"/{p}" for p in parts[i + 3:])
-    return str(path)
-
-
-def _is_hub_id(value: str | None) -> bool:
-    if not value or Path(value).exists():
-        return False
-    try:
-        _check_repo_id(value)
-    except InvalidRepoIdError:
-        return False
-    return True
+    return path.as_posix() if not path.is_absolute() else f".../{path.name}"
 
 
 def model_card(adapter: Adapter, *, repo_id: str, layout: str, base_model: str | None, config: dict[str, Any],
@@ -411,7 +412,7 @@ def model_card(adapter: Adapter, *, repo_id: str, layout: str, base_model: str |
     ranks = ", ".join(f"{r} ({n} module(s))" for r, n in sorted(adapter.ranks().items()))
     scales = ", ".join(f"{s:g}" for s in sorted(adapter.scales()))
     leaves = sorted({n.rsplit(".", 1)[-1] for n in adapter.modules})
-    rslora = bool(config.get("use_rslora") or adapter.meta.config.get("use_rslora"))
+    rslora = bool((config or adapter.meta.config).get("use_rslora"))
     base_txt = f"[{base}]({constants.ENDPOINT}/{base})" if base else (f"`{base_model}`" if base_model else
                                                                      "an unrecorded base model")
     try:
@@ -420,15 +421,15 @@ def model_card(adapter: Adapter, *, repo_id: str, layout: str, base_model: str |
         peft_version = None
     if layout == "peft":
         load = ("```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n\n"
-                f"base = AutoModelForCausalLM.from_pretrained({(base or 'BASE_MODEL')!r})\n"
-                f"model = PeftModel.from_pretrained(base, {repo_id!r})\n```")
+                f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base or 'BASE_MODEL')})\n"
+                f"model = PeftModel.from_pretrained(base, {json.dumps(repo_id)})\n```")
     else:
         load = (f"This repo holds the **{layout}** layout. For PEFT, convert it (exact, verified):\n\n"
                 f"```bash\nlora-ckpt convert hf://{repo_id} --to peft -o adapter/\n```")
     body = [
         f"# {repo_id.split('/')[-1]}", "",
         f"A {'DoRA' if adapter.uses_dora else 'LoRA'} adapter for {base_txt}, in the {layout} layout, "
-        "converted and uploaded by [lora-ckpt](https://github.com/) with a numerical check of every module.", "",
+        "converted and uploaded by lora-ckpt, which checked every module's update numerically.", "",
         "## Adapter", "",
         f"- modules: {len(adapter.modules)} (targets {', '.join(f'`{x}`' for x in leaves)})",
         f"- rank: {ranks}",
@@ -440,7 +441,7 @@ def model_card(adapter: Adapter, *, repo_id: str, layout: str, base_model: str |
         "## Provenance", "",
         f"- converted from the {source_layout} layout at `{source}`",
         f"- verification: {verified or 'not run'}",
-        *[f"- note: {n}" for n in notes], "",
+        *[f"- note: {n}" for n in notes if not n.startswith("base model config")], "",
         "## How to load", "", load, "",
         "### Framework versions", "",
         *([f"- PEFT {peft_version}"] if peft_version else []),
@@ -495,11 +496,9 @@ def push(src: PathLike, repo: str, *, to: str = "peft", private: bool = False, b
     _check_repo_id(repo_id)
     _check_revision(repo_id, branch, "branch")
     lay = get_layout(to)
-    source = str(src)
-    if source.startswith("hf://"):
-        src = resolve_source(source, layout=from_, quiet=quiet)
-    else:
-        source = _describe(Path(src))
+    if str(src).startswith("hf://"):
+        src = resolve_source(str(src), layout=from_, quiet=quiet)
+    source = _describe(Path(src))  # hf://ORG/NAME@SHA/SUBDIR for a cached download
     if isinstance(base_config, str) and base_config.startswith("hf://"):
         base_config = resolve_source(base_config, quiet=quiet)
     if base_config is None and base_model:
@@ -514,10 +513,13 @@ def push(src: PathLike, repo: str, *, to: str = "peft", private: bool = False, b
     elif not _is_hub_id(base):
         logger.warning("%s: base model %r is not a Hub repo id; the card will not link it (pass --base-model)",
                        src, base)
+    if "/" not in repo_id:  # the card names the full id
+        with _hub_errors(repo_id, writing=True):
+            repo_id = f"{HfApi().whoami()['name']}/{repo_id}"
     with tempfile.TemporaryDirectory(prefix="lora-ckpt-push-") as tmp:
         out = Path(tmp) / "upload"
-        res = convert(src, out, to=to, from_=det.layout.name, alpha=alpha,
-                      base_config=base_config if base_config is not None else adapter.meta.model_config)
+        model_cfg = base_config if base_config is not None else adapter.meta.model_config
+        res = convert(src, out, to=to, from_=det.layout.name, alpha=alpha, base_config=model_cfg)
         cfg_path = out / lay.config_file if lay.config_file else None
         config: dict[str, Any] = {}
         if cfg_path is not None and cfg_path.name == "adapter_config.json" and cfg_path.is_file():
@@ -528,8 +530,9 @@ def push(src: PathLike, repo: str, *, to: str = "peft", private: bool = False, b
                 config["task_type"] = adapter.meta.task_type or "CAUSAL_LM"
             write_peft_config(config, cfg_path)  # PEFT's formatting: indent 2, sorted keys, no newline
         verified = res.verification.summary() if res.verification else None
+        uploaded = load_adapter(out, layout=to, base_config=model_cfg)  # the card describes what is uploaded
         (out / "README.md").write_text(model_card(
-            adapter, repo_id=repo_id, layout=to, base_model=base, config=config, source=source,
+            uploaded, repo_id=repo_id, layout=to, base_model=base, config=config, source=source,
             source_layout=res.source_layout, verified=verified, notes=res.notes), encoding="utf-8")
         message = commit_message or f"Upload {to} LoRA adapter with lora-ckpt"
         with _hub_errors(repo_id, branch, writing=True), _progress(quiet):

@@ -113,7 +113,7 @@ def test_push_uploads_adapter_card_and_config_in_one_commit(hub):
     assert meta["tags"] == sorted(meta["tags"]) == [f"base_model:adapter:{base}", "lora", "transformers"]
     assert "- DoRA: yes; rsLoRA: no" in card and "rank: 4 (14 module(s))" in card
     assert "converted from the peft layout at" in card and "verification: 14 module(s) compared" in card
-    assert f'PeftModel.from_pretrained(base, {repo!r})' in card
+    assert f'PeftModel.from_pretrained(base, "{repo}")' in card
     body_end = card.rstrip().split("### Framework versions", 1)[1]
     assert "- PEFT 0.21.2" in body_end and "- lora-ckpt " in body_end
 
@@ -124,16 +124,16 @@ def test_push_uploads_adapter_card_and_config_in_one_commit(hub):
         lhub.resolve_source(f"hf://{repo}", layout="peft")).modules.keys()
 
 
-def test_push_to_branch_without_base_model_warns(hub, tmp_path, caplog):
-    src = tmp_path / "adapter"
-    src.mkdir()
-    for name, data in peft_files(base=None).items():
-        (src / name).write_bytes(data)
-    repo = new_repo_id()
-    summary = lhub.push(src, repo, branch="v1", private=True, commit_message="first", quiet=True)
+def test_push_from_hf_source_to_branch_without_base_model_warns(hub, caplog):
+    src, name = new_repo_id("src"), f"pushed-{uuid.uuid4().hex[:8]}"
+    sha = hub.add_files(src, {f"run/{k}": v for k, v in peft_files(base=None).items()})
+    summary = lhub.push(f"hf://{src}/run", name, branch="v1", private=True, commit_message="first", quiet=True)
+    repo = f"{hub.user}/{name}"  # no namespace given: the token's user
     assert f"to {repo}@v1: " in summary and summary.endswith(hub.head(repo, "v1"))
     assert hub.head(repo, "main") != hub.head(repo, "v1")
     assert "no base model recorded" in caplog.text
+    card = hub.read_file(repo, "README.md", "v1").decode()
+    assert f"converted from the peft layout at `hf://{src}@{sha}/run`" in card and f'"{repo}"' in card
     meta = front_matter(hub.read_file(repo, "README.md", "v1").decode())
     assert "base_model" not in meta and meta["tags"] == ["lora", "transformers"]
     assert json.loads(hub.read_file(repo, "adapter_config.json", "v1"))["base_model_name_or_path"] is None
