@@ -445,3 +445,14 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, pickle: bool =
         reason = (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
         raise OutputPathError(f"{path}: writing the output failed ({reason}); free space or choose another "
                               "output; nothing was written", path=path) from e
+
+
+def _drop(adapter: Adapter, features: frozenset[str]) -> Adapter:
+    mods = {}
+    for n, m in adapter.modules.items():
+        if m.kind == "embedding" and "embedding" not in features:
+            continue
+        mods[n] = replace(m, magnitude=m.magnitude if "dora" in features else None,
+                          bias=m.bias if "bias" in features else None)
+    return Adapter(mods, adapter.extra if "extra" in features else {}, adapter.meta)
+
