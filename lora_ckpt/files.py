@@ -142,7 +142,7 @@ def _tensor_info(path: str, name: str, entry: Any, data_start: int, data_len: in
     if not isinstance(entry, dict):
         raise CheckpointFormatError(f"{path}: header entry {name!r} is not an object", path=path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointFormatError(
             f"{path}: tensor {name!r} has unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}",
             path=path)
@@ -222,7 +222,9 @@ def load_pickle(path: PathLike) -> dict[str, torch.Tensor]:
                 f"{path}: refusing to unpickle: the file needs code to load ({reason[:160]}); expected "
                 "plain tensors; re-save it as safetensors from a trusted environment", path=path) from e
         raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({reason[:160]})", path=path) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{path}: no such file", path=path) from e
+    except Exception as e:  # a corrupt file can raise anything from torch's zip and pickle readers
         raise CheckpointFormatError(
             f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})",
             path=path) from e
@@ -465,7 +467,9 @@ def _pickle_index(path: str) -> dict[str, TensorMeta]:
             if len(pkl) != 1:
                 raise _NeedTorch("layout")
             obj = Unpickler(z.open(pkl[0])).load()
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+    except _NeedTorch:
+        raise
+    except Exception as e:  # anything odd in a hostile file: let torch's weights_only loader judge it
         raise _NeedTorch(str(e)) from e
     for _ in range(2):
         if isinstance(obj, dict) and not all(isinstance(v, TensorMeta) for v in obj.values()):

@@ -338,11 +338,13 @@ def stack_experts(family: Family | None, modules: dict[str, ModuleLoRA], *, n_ex
     """
     import torch
 
-    if family is None or not family.stacked_experts:
-        return {}, set()
+    from .families import FAMILIES
+
+    tables = [family.stacked_experts] if family is not None else [f.stacked_experts for f in FAMILIES.values()]
+    pairs = {(switch, expert) for table in tables for switch, expert in table.items()}
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     used: set[str] = set()
-    for switch, expert in family.stacked_experts.items():
+    for switch, expert in sorted(pairs):
         rx = _regex(expert)
         found: dict[tuple[str, ...], dict[int, str]] = {}
         for name in modules:
@@ -350,6 +352,8 @@ def stack_experts(family: Family | None, modules: dict[str, ModuleLoRA], *, n_ex
             if hit:
                 found.setdefault(hit.groups()[:-1], {})[int(hit.groups()[-1])] = name
         for key, experts in sorted(found.items()):
+            if set(experts.values()) & used:
+                continue
             mods = {e: modules[n] for e, n in experts.items()}
             if any(m.magnitude is not None or m.bias is not None for m in mods.values()):
                 raise UnsupportedAdapterError(

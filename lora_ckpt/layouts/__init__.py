@@ -18,6 +18,7 @@ from ..families import ModelConfig, load_model_config
 from ..files import PathLike, atomic_output
 from .base import Layout, ReadOptions, Source, WriteOptions
 from .mistral import MistralLayout
+from .mlx import MlxLayout
 from .native import NativeLayout
 from .peft import PeftLayout
 from .simple import LlmbookLayout, LoralibLayout
@@ -31,7 +32,8 @@ __all__ = ["LAYOUTS", "Detection", "detect_layout", "get_layout", "load_adapter"
 logger = logging.getLogger(__name__)
 
 LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
-    NativeLayout(), PeftLayout(), TorchtuneLayout(), MistralLayout(), LoralibLayout(), LlmbookLayout())}
+    NativeLayout(), PeftLayout(), TorchtuneLayout(), MistralLayout(), LoralibLayout(), LlmbookLayout(),
+    MlxLayout())}
 
 
 class Detection:

@@ -25,8 +25,14 @@ PEFT_LEAVES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_ma
 def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     """PEFT's ``get_pattern_key``: the first key (in dict order) with
     ``re.match(rf"(.*\\.)?({key})$", name)`` wins."""
+    if not isinstance(patterns, dict):
+        raise ConfigError(f"rank_pattern/alpha_pattern must be an object, found {type(patterns).__name__}")
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", name)
+        except re.error as e:
+            raise ConfigError(f"pattern {key!r} is not a valid regular expression ({e}); PEFT would fail too") from e
+        if hit:
             return value
     return default
 
@@ -35,7 +41,14 @@ def module_scale(cfg: dict[str, Any], name: str) -> tuple[int, float]:
     """(rank, scale) PEFT gives module ``name`` under config ``cfg``."""
     r = pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8))
     alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
-    return r, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    if not _number(r) or int(r) != r or r <= 0 or not _number(alpha):
+        raise ConfigError(f"{name}: r={r!r} and lora_alpha={alpha!r}; expected a positive integer rank and a "
+                          "number; fix adapter_config.json")
+    return int(r), alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class PeftLayout(Layout):
@@ -142,6 +155,7 @@ def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
     rank_pattern = {n: m.rank for n, m in mods.items() if m.rank != r}
     alpha_pattern = {n: a for n, a in alphas.items() if a != alpha}
     src_cfg = adapter.meta.config or {}
+    layers = layer_subset(list(mods), opts)
     cfg: dict[str, Any] = {
         "alpha_pattern": alpha_pattern,
         "base_model_name_or_path": adapter.meta.base_model or src_cfg.get("base_model_name_or_path"),
@@ -149,8 +163,8 @@ def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
         "fan_in_fan_out": any(m.fan_in_fan_out for m in mods.values()),
         "inference_mode": True,
         "init_lora_weights": True,
-        "layers_pattern": None,
-        "layers_to_transform": None,
+        "layers_pattern": "layers" if layers is not None else None,
+        "layers_to_transform": layers,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
         "modules_to_save": _modules_to_save(adapter) or None,
@@ -158,7 +172,8 @@ def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
         "r": r,
         "rank_pattern": rank_pattern,
         "revision": None,
-        "target_modules": target_modules(list(mods), opts),
+        "target_modules": (target_modules(list(mods), opts) if layers is None
+                           else sorted({n.rsplit(".", 1)[-1] for n in mods})),
         "task_type": adapter.meta.task_type or "CAUSAL_LM",
         "use_rslora": False,
     }
@@ -170,6 +185,26 @@ def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
         if any(other != key and re.match(rf"(.*\.)?({key})$", other) for other in mods):
             raise ConfigError(f"cannot express the rank/alpha of {key!r} with a PEFT pattern that selects only it")
     return cfg
+
+
+def layer_subset(names: list[str], opts: WriteOptions) -> list[int] | None:
+    """The block indices, when every leaf type covers the same proper subset of the blocks (as
+    mlx-lm's "last N layers" does), for PEFT's ``layers_to_transform``; else None."""
+    layer_re = re.compile(r"^(?P<pre>.*\.layers\.)(?P<i>\d+)\.(?P<rest>.+)$")
+    by_leaf: dict[str, set[int]] = {}
+    for n in names:
+        m = layer_re.match(n)
+        if not m:
+            return None
+        by_leaf.setdefault(m["rest"], set()).add(int(m["i"]))
+    covered = {frozenset(v) for v in by_leaf.values()}
+    if len(covered) != 1 or len({rest.rsplit(".", 1)[-1] for rest in by_leaf}) != len(by_leaf):
+        return None
+    blocks = set(next(iter(covered)))
+    n_layers = opts.base_config.n_layers if opts.base_config is not None else None
+    if blocks == set(range(n_layers if n_layers is not None else max(blocks) + 1)):
+        return None  # every block: target_modules alone says it
+    return sorted(blocks)
 
 
 def target_modules(names: list[str], opts: WriteOptions) -> list[str]:
