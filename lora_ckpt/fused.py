@@ -234,13 +234,16 @@ def join(fused_entries: Sequence[Fused], modules: dict[str, ModuleLoRA], cfg: Mo
         for key, idx in sorted(found.items()):
             parts = [modules[idx[i]] if i in idx else None for i in range(len(src))]
             first = next(p for p in parts if p is not None)
+            sizes = (tuple(p.out_features for p in parts) if all(p is not None for p in parts) and cfg is None  # type: ignore[union-attr]
+                     else fe.sizes(cfg, _total_from_parts(fe, cfg, parts)))
+            if any(p is not None and p.out_features != size for p, size in zip(parts, sizes)):
+                raise ConversionError(f"{dst[0].format(*key)}: parts with {[p and p.out_features for p in parts]} rows "
+                                      f"do not fit the fused rows {tuple(sizes)}")
             if grouped:
-                sizes = fe.sizes(cfg, _total_from_parts(fe, cfg, parts))
                 filled = [p if p is not None else _zero(first, size) for p, size, e in zip(parts, sizes, on) if e]
                 A, B = group(filled, first.A.shape[1])
                 out[dst[0].format(*key)] = ModuleLoRA(A=A, B=B, scale=first.scale)
             else:
-                sizes = fe.sizes(cfg, _total_from_parts(fe, cfg, parts))
                 out[dst[0].format(*key)] = fuse(parts, sizes)
             used.update(idx.values())
     return out, used

@@ -17,6 +17,7 @@ from ..errors import AmbiguousLayoutError, CheckpointNotFoundError, UnknownLayou
 from ..families import ModelConfig, load_model_config
 from ..files import PathLike, atomic_output
 from .base import Layout, ReadOptions, Source, WriteOptions
+from .litgpt import LitgptLayout
 from .mistral import MistralLayout
 from .mlx import MlxLayout
 from .native import NativeLayout
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
     NativeLayout(), PeftLayout(), TorchtuneLayout(), MistralLayout(), LoralibLayout(), LlmbookLayout(),
-    MlxLayout())}
+    MlxLayout(), LitgptLayout())}
 
 
 class Detection:
