@@ -181,21 +181,22 @@ def test_offline_rereads_the_cache_with_zero_requests(hub, tmp_path, monkeypatch
 
 
 def test_hf_source_in_cli_convert_downloads_only_the_needed_files(hub, tmp_path, capsys):
-    repo = new_repo_id()
+    repo, base = new_repo_id(), seed_base(hub)
     files = {f"run1/{k}": v for k, v in peft_files().items()}
     files.update({"run1/README.md": b"# card\n", "run1/optimizer.pt": b"\0" * 200_000,
                   "model.safetensors": b"\0" * 300_000, "run1/adapter_model.bin": b"\0" * 1000})
     hub.add_files(repo, files)
     hub.clear_log()
     rc, out, err = cli(capsys, "convert", f"hf://{repo}/run1", "--to", "torchtune", "-o", tmp_path / "tt",
-                       "--base-config", LLAMA_CONFIG)
+                       "--base-config", f"hf://{base}")
     assert rc == 0, err
     assert "verified: 14 module(s) compared" in out
-    assert fetched(hub, None) == {"run1/adapter_model.safetensors", "run1/adapter_config.json"}  # HEAD or GET
+    # HEAD or GET: only what the layouts read; never optimizer.pt, README.md, adapter_model.bin, the base's weights
+    assert fetched(hub, None) == {"run1/adapter_model.safetensors", "run1/adapter_config.json", "config.json"}
     assert (tmp_path / "tt" / "adapter_model.pt").is_file()
 
 
-def test_base_config_fetched_from_the_hub_when_needed(hub, tmp_path):
+def test_base_config_fetched_from_the_hub_when_needed(hub, tmp_path, monkeypatch):
     base = seed_base(hub)
     src = tmp_path / "adapter"
     src.mkdir()
@@ -214,7 +215,25 @@ def test_base_config_fetched_from_the_hub_when_needed(hub, tmp_path):
     (src / "adapter_config.json").write_bytes(peft_files(base=missing)["adapter_config.json"])
     adapter = load_adapter(src)  # a note, not an error
     assert adapter.meta.model_config is None
-    assert any(missing in n and "not fetched" in n for n in adapter.meta.notes)
+    assert any(missing in n and "not fetched" in n and "repo not found" in n for n in adapter.meta.notes)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.clear_log()
+    assert any("HF_HUB_OFFLINE=1" in n for n in load_adapter(src).meta.notes) and hub.log() == []
+
+
+def test_unreachable_hub_is_a_quick_note_not_twenty_seconds_of_retries(hub, monkeypatch):
+    import time
+
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port: connection refused
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(lhub, "_UNREACHABLE", set())
+    start = time.monotonic()
+    path, note = lhub.fetch_model_config(new_repo_id("base"))
+    assert path is None and "unreachable" in note and dead in note
+    assert lhub.fetch_model_config(new_repo_id("base"))[0] is None  # remembered: no second probe
+    assert time.monotonic() - start < 5 and hub.log() == []
+    assert lhub.fetch_model_config("fixtures/hf/llama") == (None, None)  # a local path is not a repo id
 
 
 # --------------------------------------------------------------------------- round trip
@@ -387,3 +406,22 @@ def test_live_hub_pull_and_inspect(tmp_path):
                            text=True)
         assert p.returncode == 0 and "/commit/" in p.stdout, p.stderr
     shutil.rmtree(tmp_path / "hf", ignore_errors=True)
+
+
+def test_progress_bars_are_huggingface_hubs_and_quiet_silences_them(hub, monkeypatch, capfd):
+    import importlib
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    hf_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module, not the class of that name
+
+    monkeypatch.setattr(hf_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)  # as if the env var were unset
+    monkeypatch.setattr(hf_tqdm, "progress_bar_states", {"_global": True})
+    loud, quiet = new_repo_id("loud"), new_repo_id("quiet")
+    for repo in (loud, quiet):
+        hub.add_files(repo, peft_files())
+    capfd.readouterr()
+    lhub.pull(quiet, quiet=True)
+    assert capfd.readouterr().err == "" and not are_progress_bars_disabled()  # restored afterwards
+    lhub.pull(loud)
+    assert "Fetching 2 files" in capfd.readouterr().err
