@@ -176,7 +176,7 @@ def _hub_errors(repo_id: str, revision: str | None = None, *, writing: bool = Fa
     except (httpx2.HTTPError, ConnectionError, TimeoutError) as e:
         first = (str(e).splitlines() or [""])[0][:200]
         raise HubError(f"{at}: connection to {constants.ENDPOINT} failed ({type(e).__name__}: {first}); "
-                       "nothing partial was kept in the cache; try again", repo_id=repo_id) from e
+                       "the cache keeps only complete files; try again", repo_id=repo_id) from e
 
 
 @contextlib.contextmanager
@@ -200,7 +200,8 @@ def _needed_files(src: HubSource, tree: set[str], layout: str | None) -> tuple[l
     from .layouts import LAYOUTS, get_layout
 
     layouts = [get_layout(layout)] if layout else list(LAYOUTS.values())
-    configs = [c for lay in layouts if lay.config_file for c in [lay.config_file]] + list(MODEL_CONFIGS)
+    configs = [c for lay in layouts for c in (lay.config_file, *getattr(lay, "sidecar_files", ())) if c]
+    configs += list(MODEL_CONFIGS)  # sidecar_files: other small files a layout reads beside its weights
     if src.subdir in tree:  # hf://org/name/path/to/file: that file and the configs beside it
         folder = str(PurePosixPath(src.subdir).parent).removeprefix(".")
         near = [f"{folder}/{c}".lstrip("/") for c in dict.fromkeys(configs)]
@@ -399,7 +400,23 @@ def _describe(path: Path) -> str:
 
 def model_card(adapter: Adapter, *, repo_id: str, layout: str, base_model: str | None, config: dict[str, Any],
                source: str, source_layout: str, verified: str | None, notes: Sequence[str] = ()) -> str:
-    """The README.md for an uploaded adapter: PEFT front matter and a body saying what it is."""
+    """The README.md for an uploaded adapter: PEFT front matter and a body saying what it is.
+
+    Args:
+        adapter: the adapter as uploaded (read back from the files).
+        repo_id: the repo it goes to.
+        layout: its layout (``library_name: peft`` only for ``peft``; other layouts become a tag).
+        base_model: the base model's Hub id (a local path is named in the body, not linked).
+        config: the uploaded ``adapter_config.json`` (empty if the layout has none).
+        source: where it was converted from (``hf://...`` or a path).
+        source_layout: the source's layout.
+        verified: the verification summary line.
+        notes: what the reader had to decide (shown as provenance notes).
+
+    Returns:
+        The card text: YAML front matter (``library_name``, ``base_model``, sorted ``tags``,
+        ``pipeline_tag``) and a Markdown body ending in ``### Framework versions``.
+    """
     from huggingface_hub import ModelCard, ModelCardData, constants
 
     from . import __version__
