@@ -194,18 +194,18 @@ class Layout:
                                       "the file mixes two namings of the same module", layout=self.name,
                                       path=str(src.path))
                 raw[mod_name] = m
-        modules = self._to_hf(src, raw, names_family, model_cfg)
-        if not modules:
+        if not raw:
             raise LayoutError(f"{src.path}: no adapter tensors (keys ending in {quote_list(self.leaves.values())}); "
                               "the adapter is empty", layout=self.name, path=str(src.path))
-        if model_cfg is not None:
-            model_cfg.check_modules(modules, source=str(src.path))
-        adapter = Adapter(modules=modules, extra={k[len(self.prefix):] if k.startswith(self.prefix) else k: v
-                                                  for k, v in extra.items()},
+        adapter = Adapter(modules=raw, extra={k[len(self.prefix):] if k.startswith(self.prefix) else k: v
+                                              for k, v in extra.items()},
                           meta=AdapterMeta(family=family.name if family else None, source_layout=self.name,
                                            source_path=str(src.path), config=dict(src.config or {}),
                                            model_config=model_cfg))
-        self.read_meta(src, adapter, opts)
+        self.read_meta(src, adapter, opts)  # the config describes the file's modules: before fusing/splitting
+        adapter.modules = self._to_hf(src, raw, names_family, model_cfg)
+        if model_cfg is not None:
+            model_cfg.check_modules(adapter.modules, source=str(src.path))
         if not src.shapes_only:  # row order does not change shapes
             self._rope(adapter, model_cfg, to_hf=True)
             bad = nonfinite(src.tensors)
@@ -364,8 +364,24 @@ class Layout:
             if len(adapter.scales()) > 1 or len(adapter.ranks()) > 1:
                 logger.info("%s has one rank and one scale: ranks zero-padded to the largest, scale differences "
                             "folded into lora_B (exact up to float32 rounding)", self.name)
-            adapter = adapter.uniform(scale=fixed)
+            scale = fixed if fixed is not None else (adapter.scales().most_common(1) or [(1.0, 0)])[0][0]
+            adapter = replace(adapter, modules={n: m.rescaled(scale) for n, m in adapter.modules.items()})
+            rank = self._uniform_rank(adapter, opts)
+            adapter = replace(adapter, modules={n: m.padded(rank) if m.rank < rank else m
+                                                for n, m in adapter.modules.items()})
         return adapter
+
+    def _uniform_rank(self, adapter: Adapter, opts: WriteOptions) -> int:
+        """The one rank of a one-rank layout: the largest rank *in this layout's modules* (a fused
+        canonical module that the layout splits may have a larger rank than its parts)."""
+        cfg = opts.base_config or adapter.meta.model_config
+        family = cfg.family if cfg else FAMILIES.get(adapter.meta.family or "")
+        if self.scheme != "hf" and family is not None and family.fused.get(self.scheme):
+            try:
+                return max(m.B.shape[1] for m in self._from_hf(adapter.modules, family, cfg).values())
+            except ConversionError:
+                pass  # reported with its full message by tensors_for
+        return max(adapter.ranks(), default=0)
 
     def tensors_for(self, adapter: Adapter, model_cfg: ModelConfig | None) -> dict[str, torch.Tensor]:
         """The adapter's tensors under this layout's keys, rows and orientation."""
@@ -376,7 +392,11 @@ class Layout:
         if self.scheme != "hf" and names is None:
             raise MissingConfigError(f"{self.name} names modules by model family; pass --base-config")
         out: dict[str, torch.Tensor] = {}
-        for name, m in self._from_hf(work.modules, family, model_cfg).items():
+        modules = self._from_hf(work.modules, family, model_cfg)
+        if self.one_rank and self.fused_lora == "plain":  # split parts can come out below the one rank
+            rank = max((m.rank for m in modules.values()), default=0)
+            modules = {n: m.padded(rank) if m.rank < rank else m for n, m in modules.items()}
+        for name, m in modules.items():
             A, B = (m.A.T, m.B.T) if self.transposed else (m.A, m.B)
             roles: Iterable[tuple[Role, torch.Tensor | None]] = (
                 ("emb_A" if m.kind == "embedding" else "A", A), ("emb_B" if m.kind == "embedding" else "B", B),

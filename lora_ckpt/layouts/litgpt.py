@@ -154,7 +154,7 @@ class LitgptLayout(Layout):
 
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
         hp = src.config or {}
-        ranks = adapter.ranks()
+        ranks = {m.B.shape[1] for m in adapter.modules.values()}  # B's columns: also right for the grouped qkv
         rank = hp.get("lora_r")
         if rank is not None and set(ranks) - {rank}:
             raise ConfigError(f"{src.config_path}: lora_r={rank} but the tensors have rank(s) {sorted(ranks)}; the "
@@ -165,7 +165,7 @@ class LitgptLayout(Layout):
                 f"{src.weights}: no {HPARAMS} with lora_alpha beside it, so the scale (alpha/r) is unknown; put the "
                 "run's hyperparameters.yaml beside it, or pass --alpha")
         for m in adapter.modules.values():
-            m.scale = alpha / m.rank
+            m.scale = alpha / m.B.shape[1]
 
     # ------------------------------------------------------------------ writing
     def prepare(self, adapter: Adapter, opts: WriteOptions) -> Adapter:
