@@ -24,9 +24,11 @@ examples:
   lora-ckpt verify epoch_0/ peft_adapter/
   lora-ckpt merge llama-3-8b/ adapter/ -o merged/
   lora-ckpt pull my-org/adapter -o adapter/ && lora-ckpt push adapter/ my-org/adapter-peft
+  lora-ckpt check adapter/ --for vllm
   lora-ckpt demo fixtures/demo
 
-exit codes: 0 ok, 1 refused input, 2 usage error, 3 verification found a difference, 4 hub failure
+exit codes: 0 ok, 1 refused input, 2 usage error, 3 verification found a difference, 4 hub failure;
+  check: 0 the target will load it and compute the same function, 1 it will not (or SRC is unreadable)
 """
 
 Handler = Callable[[argparse.Namespace], int]
@@ -124,6 +126,15 @@ def _cmd_push(args: argparse.Namespace) -> int:
                alpha=args.alpha, from_=args.from_, quiet=args.quiet)
     print(res)
     return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .check import check_source
+
+    rep = check_source(_source(args, args.src), target=args.for_, layout=args.from_, base_config=_base_config(args),
+                       alpha=args.alpha)
+    print(json.dumps(rep.to_json(), indent=2) if args.json else rep.format())
+    return 0 if rep.ok else 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -228,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch")
     p.add_argument("--commit-message")
     p.set_defaults(handler=_cmd_push)
+
+    p = sub.add_parser("check", help="will vLLM / llama.cpp / PEFT / torchtune / mlx-lm load it and compute the same?",
+                       description="Check an adapter (any layout) against what a consumer loads and computes: refused "
+                                   "files and, worse, files that load and silently compute something else (DoRA read "
+                                   "as LoRA, ignored rsLoRA or rank/alpha patterns, dropped modules, wrong prefixes). "
+                                   "Each problem comes with what to change. Exit 0 only when the target will load it "
+                                   "and compute the same function; 1 otherwise.",
+                       epilog="examples:\n  lora-ckpt check adapter/ --for vllm\n"
+                              "  lora-ckpt check epoch_0/ --for llama.cpp --base-config llama/config.json --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="adapter directory or file (or hf://...)")
+    p.add_argument("--for", dest="for_", required=True, choices=["peft", "vllm", "llama.cpp", "torchtune", "mlx"],
+                   help="the consumer")
+    common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_cmd_check)
 
     p = sub.add_parser("demo", help="stock checkpoint -> LoRA model (strict), one training step",
                        description="Load the shipped stock checkpoint strict=True into a LoRA-injected "

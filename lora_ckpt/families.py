@@ -52,6 +52,7 @@ _GEMMA2_TUNE = {**{k: v for k, v in _LLAMA_TUNE.items() if "post_attention_layer
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.sa_scale.scale",
     "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_norm.scale",
     "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.mlp_scale.scale",
+    "model.norm.weight": "norm.rms_norm.scale",
 }}
 _LLAMA_META = {
     "model.embed_tokens.weight": "tok_embeddings.weight",

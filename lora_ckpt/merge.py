@@ -27,14 +27,19 @@ config, licence; not ``README.md``, which describes the base).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import math
+import mmap
 import os
+import queue
 import re
 import shutil
+import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +58,12 @@ __all__ = ["MergeResult", "merge_checkpoint", "parse_size"]
 logger = logging.getLogger(__name__)
 
 Target = Literal["hf", "torchtune", "meta"]
-#: elements per row block of a merged tensor (16 MB of float32)
-BLOCK_ELEMENTS = 1 << 22
+#: elements per row block of a merged tensor (4 MB of float32: the block's passes stay in cache)
+BLOCK_ELEMENTS = 1 << 20
 #: bytes per copy_file_range call (progress granularity)
 COPY_BYTES = 1 << 26
+#: output blocks computed ahead of the writer thread
+WRITE_SLOTS = 3
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 _CODE = {getattr(torch, name): code for code, (_, name) in DTYPES.items()}
 #: input-embedding keys an ``lm_head`` may be tied to, most common first
@@ -341,20 +348,90 @@ def _header(shard: list[_Out]) -> bytes:
 
 # ------------------------------------------------------------------------------- writing
 class _Streamer:
-    """Writes output tensors: verbatim ones file-to-file, others in float32 row blocks."""
+    """Writes output tensors in order: verbatim ones file-to-file, others in row blocks computed
+    here and written by a writer thread (so writing overlaps computing the next block)."""
 
-    def __init__(self, stack: ExitStack, bar: Any) -> None:
-        self.stack, self.bar = stack, bar
+    def __init__(self, bar: Any) -> None:
+        self.stack, self.bar = ExitStack(), bar  # input files; closed after the writer stopped
         self.fds: dict[str, int] = {}
+        self.maps: dict[str, mmap.mmap] = {}
         self.scratch: dict[str, torch.Tensor] = {}
         self.copy_range = hasattr(os, "copy_file_range")
+        self.free: queue.Queue[int] = queue.Queue()
+        self.slots: list[torch.Tensor | None] = [None] * WRITE_SLOTS
+        for k in range(WRITE_SLOTS):
+            self.free.put(k)
+        self.jobs: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._writer, name="lora-ckpt-merge-writer", daemon=True)
+        self.thread.start()
 
+    # ----------------------------------------------------------------- writer thread
+    def _writer(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None:  # failed: drain, keep the producer from blocking
+                if job[0] == "block":
+                    self.free.put(job[3])
+                continue
+            if job[0] == "call":
+                job[2].set()
+                continue
+            try:
+                if job[0] == "block":
+                    _, f, block, slot = job
+                    _write_all(f, block)
+                    self.free.put(slot)
+                    self.bar.update(block.numel() * block.element_size())
+                else:
+                    _, f, src = job
+                    self._copy(f, src)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the producer
+                self.error = e
+                if job[0] == "block":
+                    self.free.put(job[3])
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _drain(self) -> threading.Event:
+        done = threading.Event()
+        self.jobs.put(("call", None, done))
+        return done
+
+    def flush(self) -> None:
+        """Wait until everything submitted is written (before its file is closed)."""
+        done = self._drain()
+        while not done.wait(0.1):
+            self._check()
+        self._check()
+
+    def abort(self) -> None:
+        """After a failure: let the writer skip what is queued, and wait until it has."""
+        if self.error is None:
+            self.error = ConversionError("merge aborted")
+        self._drain().wait()
+
+    def close(self) -> None:
+        """Stop the writer thread, then close the inputs."""
+        self.jobs.put(None)
+        self.thread.join()
+        self.stack.close()
+
+    # ---------------------------------------------------------------------- inputs
     def _fd(self, path: str) -> int:
         if path not in self.fds:
             fd = os.open(path, os.O_RDONLY)
             self.stack.callback(os.close, fd)
             self.fds[path] = fd
         return self.fds[path]
+
+    def _map(self, path: str) -> mmap.mmap:
+        if path not in self.maps:
+            mm = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_COPY)  # private: the file is never written
+            self.stack.callback(_close_map, mm)
+            self.maps[path] = mm
+        return self.maps[path]
 
     def _buf(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable flat scratch buffer (big allocations are page-faulted afresh each time otherwise)."""
@@ -363,9 +440,48 @@ class _Streamer:
             t = self.scratch[name] = torch.empty(n, dtype=dtype)
         return t[:n]
 
+    def _slot(self, n: int, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+        """A free output buffer (blocks while all are queued for writing)."""
+        while True:
+            try:
+                k = self.free.get(timeout=0.1)
+                break
+            except queue.Empty:
+                self._check()
+        t = self.slots[k]
+        nbytes = n * dtype.itemsize
+        if t is None or t.numel() < nbytes:
+            t = self.slots[k] = torch.empty(max(nbytes, BLOCK_ELEMENTS * 4), dtype=torch.uint8)
+        return k, t[:nbytes].view(dtype)
+
+    def _rows(self, o: _Out, i: int, j: int, cols: int) -> torch.Tensor:
+        if o.tensor is not None:
+            return o.tensor.reshape(-1, cols)[i:j]
+        assert o.src is not None
+        itemsize, name = DTYPES[o.src.dtype]
+        dtype, begin, n = getattr(torch, name), o.src.info.begin + i * cols * itemsize, (j - i) * cols
+        if begin % itemsize or not hasattr(mmap, "MADV_DONTNEED"):  # misaligned (or no madvise): a copy
+            buf = self._buf("read", n * itemsize, torch.uint8)
+            _pread_into(self._fd(o.src.path), buf, begin)
+            return buf.view(dtype).view(j - i, cols)
+        # mapped: converted straight from the page cache (no read copy); _release drops the pages
+        return torch.frombuffer(self._map(o.src.path), dtype=dtype, count=n, offset=begin).view(j - i, cols)
+
+    def _release(self, o: _Out, i: int, j: int, cols: int) -> None:
+        """Unmap the pages of rows i..j (they stay in the page cache, out of this process's RSS)."""
+        if o.src is None or o.src.path not in self.maps:
+            return
+        itemsize = DTYPES[o.src.dtype][0]
+        begin = o.src.info.begin + i * cols * itemsize
+        start = begin - begin % mmap.PAGESIZE
+        self.maps[o.src.path].madvise(mmap.MADV_DONTNEED, start, begin + (j - i) * cols * itemsize - start)
+
+    # --------------------------------------------------------------------- compute
     def write(self, f: BinaryIO, o: _Out) -> None:
+        """Queue tensor ``o`` for writing at the current end of ``f``."""
+        self._check()
         if o.verbatim:
-            self._copy(f, o.src)  # type: ignore[arg-type]
+            self.jobs.put(("copy", f, o.src))
             return
         rows = o.shape[0] if o.shape else 1
         cols = math.prod(o.shape[1:]) if len(o.shape) > 1 else 1
@@ -380,45 +496,34 @@ class _Streamer:
         out_dtype = getattr(torch, DTYPES[o.dtype][1])
         for i in range(0, rows, step):
             j = min(rows, i + step)
+            slot, out = self._slot((j - i) * cols, out_dtype)
+            out = out.view(j - i, cols)
             block = self._block(o, factors, i, j, cols, col_factor)
-            if block.dtype != out_dtype:
-                block = self._buf("out", block.numel(), out_dtype).view(block.shape).copy_(block)
             if o.permute:
-                block = rotate_half_to_interleaved(block, (j - i) // o.permute[1], o.permute[1])
-            _write_all(f, block)
-            self.bar.update(block.numel() * block.element_size())
-
-    def _rows(self, o: _Out, i: int, j: int, cols: int) -> torch.Tensor:
-        if o.tensor is not None:
-            return o.tensor.reshape(-1, cols)[i:j]
-        assert o.src is not None
-        itemsize, name = DTYPES[o.src.dtype]
-        buf = self._buf("read", (j - i) * cols * itemsize, torch.uint8)
-        _pread_into(self._fd(o.src.path), buf, o.src.info.begin + i * cols * itemsize)
-        return buf.view(getattr(torch, name)).view(j - i, cols)
+                out.copy_(rotate_half_to_interleaved(block, (j - i) // o.permute[1], o.permute[1]))
+            elif block is not out:
+                out.copy_(block)
+            del block
+            self._release(o, i, j, cols)
+            self.jobs.put(("block", f, out, slot))
 
     def _block(self, o: _Out, factors: tuple[torch.Tensor, torch.Tensor] | None, i: int, j: int, cols: int,
                col_factor: torch.Tensor | None, *, dora: bool = True) -> torch.Tensor:
         """Rows i..j of the output: float32 if anything is added, else the source rows as they are."""
         src = self._rows(o, i, j, cols)
-        if o.lora is None and o.add is None:
+        m = o.lora
+        if m is None and o.add is None:
             return src
         w = self._buf("work", src.numel(), torch.float32).view(src.shape).copy_(src)
-        m = o.lora
         if m is not None and factors is not None:
-            delta = self._buf("delta", w.numel(), torch.float32).view(w.shape)
             A, B = factors
-            if o.transposed:  # rows of ΔWᵀ = Aᵀ[i:j] @ Bᵀ
-                torch.mm(A.T[i:j], B.T, out=delta)
-            else:
-                torch.mm(B[i:j], A, out=delta)
-            w.add_(delta.mul_(m.scale))  # PEFT: delta = (B@A)·s, then W + delta
-            if m.magnitude is not None and dora:
+            a, b = (A.T[i:j], B.T) if o.transposed else (B[i:j], A)
+            w.addmm_(a, b, alpha=m.scale)  # W + s·B@A, one BLAS call (mixed-dtype adds are 7x slower)
+            if m.magnitude is not None and dora:  # PEFT: m / ‖W + ΔW‖ per output feature
                 if o.transposed:
                     w.mul_(col_factor)  # type: ignore[arg-type]
                 else:
-                    norm = torch.linalg.vector_norm(w, dim=1)
-                    w.mul_((m.magnitude.float()[i:j] / norm).unsqueeze(1))
+                    w.mul_((m.magnitude.float()[i:j] / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1))
         if o.add is not None:
             w.add_(o.add.reshape(-1, cols)[i:j])
         return w
@@ -429,7 +534,9 @@ class _Streamer:
         (a first pass over the blocks)."""
         sq = torch.zeros(cols, dtype=torch.float64)
         for i in range(0, rows, step):
-            sq += self._block(o, factors, i, min(rows, i + step), cols, None, dora=False).double().square().sum(0)
+            j = min(rows, i + step)
+            sq += self._block(o, factors, i, j, cols, None, dora=False).double().square().sum(0)
+            self._release(o, i, j, cols)
         return (o.lora.magnitude.float() / sq.sqrt().float()).unsqueeze(0)  # type: ignore[union-attr]
 
     def _copy(self, f: BinaryIO, src: _Src) -> None:
@@ -446,12 +553,19 @@ class _Streamer:
                         raise
                     self.copy_range = False
             if not done:
-                buf = self._buf("read", n, torch.uint8)
+                buf = self._buf("copy", n, torch.uint8)
                 _pread_into(fd_in, buf, pos)
                 _write_all(f, buf)
                 done = n
             pos += done
             self.bar.update(done)
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a tensor view still alive (an exception mid-block): the GC unmaps it
+        pass
 
 
 def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
@@ -539,9 +653,11 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
     with atomic_output(out, force=force, inputs=inputs) as tmp:
         tmp.mkdir()
         with ExitStack() as stack:
+            stack.enter_context(_one_thread())
             bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                                            desc="merge", disable=not progress, leave=False))
-            streamer = _Streamer(stack, bar)
+            streamer = _Streamer(bar)
+            stack.callback(streamer.close)
             for shard, name in zip(shards, names):
                 _write_shard(tmp / name, shard, streamer)
         if len(shards) > 1:
@@ -560,6 +676,18 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
     return res
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch intra-op threads off for the duration: the block ops are memory-bound and small, so
+    threads only add synchronisation, which costs 5-10x on a loaded machine (bench/RESULTS.md)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _file_names(n: int, to: Target) -> list[str]:
     if to == "meta":
         return ["consolidated.safetensors"]
@@ -572,8 +700,13 @@ def _write_shard(path: Path, shard: list[_Out], streamer: _Streamer) -> None:
     header = _header(shard)
     with open(path, "wb", buffering=0) as f:
         f.write(header)
-        for o in shard:
-            streamer.write(f, o)  # type: ignore[arg-type]
+        try:
+            for o in shard:
+                streamer.write(f, o)  # type: ignore[arg-type]
+            streamer.flush()
+        except BaseException:
+            streamer.abort()  # the writer must be idle before f is closed
+            raise
     expected = len(header) + sum(o.nbytes for o in shard)
     if path.stat().st_size != expected:  # a bug here must never produce a plausible file
         raise ConversionError(f"{path.name}: wrote {path.stat().st_size} bytes, planned {expected}; please report this")

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -46,36 +43,53 @@ def big_adapter(tmp_path_factory) -> Path:
     return d
 
 
-def _cmd(src: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "lora_ckpt", "-q", "convert", str(src), "--to", "torchtune", "-o", str(out),
-            "--base-config", str(src / "config.json")]
+WORKER = r"""
+import os, random, signal, sys, time, json
+import lora_ckpt.convert, lora_ckpt.layouts  # imported once; children are forked without re-importing
+src, root, trials, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 
+def run(out):
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            lora_ckpt.convert.convert(src, out, to="torchtune", base_config=os.path.join(src, "config.json"))
+            code = 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
 
-def _startup() -> float:
-    t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import lora_ckpt.convert"], check=True)
-    return time.monotonic() - t0
+t0 = time.monotonic()
+os.waitpid(run(os.path.join(root, "full")), 0)
+total = time.monotonic() - t0
+rng = random.Random(seed)
+for trial in range(trials):
+    pid = run(os.path.join(root, f"out{trial}"))
+    time.sleep(rng.uniform(0.0, total * 1.1))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print(json.dumps({"total": total}))
+"""
 
 
 def test_sigkill_during_convert(big_adapter, tmp_path):
-    t0 = time.monotonic()
-    subprocess.run(_cmd(big_adapter, tmp_path / "full"), check=True, capture_output=True)
-    total = time.monotonic() - t0
-    start = _startup()  # kill after the imports, while files are being written
-    rng = random.Random(1234)
+    trials = 12
+    p = subprocess.run([sys.executable, "-c", WORKER, str(big_adapter), str(tmp_path), str(trials), "1234"],
+                       capture_output=True, text=True, check=True)
+    assert json.loads(p.stdout)["total"] > 0 and (tmp_path / "full").is_dir(), p.stderr[-2000:]
+    full = sorted(os.listdir(tmp_path / "full"))
     outcomes = {"absent": 0, "complete": 0}
-    for trial in range(12):
+    for trial in range(trials):
         out = tmp_path / f"out{trial}"
-        proc = subprocess.Popen(_cmd(big_adapter, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.8 * start, max(total * 1.05, start + 0.1)))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
         if out.exists():
-            assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "full")), trial
+            assert sorted(os.listdir(out)) == full, trial
             assert verify(out, big_adapter, base_config=big_adapter / "config.json").ok
             outcomes["complete"] += 1
         else:
             outcomes["absent"] += 1
-        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f"out{trial}")]
-        assert leftovers in ([], [f"out{trial}"])
     assert outcomes["absent"] > 0  # the kills did land mid-way
+    allowed = {"full", *(f"out{t}" for t in range(trials))}
+    assert all(q.name in allowed or q.name.startswith(".out") for q in tmp_path.iterdir())  # only hidden temps

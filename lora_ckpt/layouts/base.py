@@ -346,16 +346,21 @@ class Layout:
             out.append("fan_in_fan_out (Conv1D) modules")
         return out
 
+    def drop_unsupported(self, adapter: Adapter, *, allow_lossy: bool) -> Adapter:
+        """``adapter`` without what this layout cannot hold (only with ``allow_lossy``)."""
+        lossy = self.lossy_parts(adapter)
+        if not lossy:
+            return adapter
+        if not allow_lossy:
+            raise LossyConversionError(
+                f"{self.name} cannot hold {'; '.join(lossy)}; expected an adapter without them; convert to "
+                "another layout, or pass --allow-lossy to drop them", dropped=lossy)
+        logger.warning("dropping what %s cannot hold: %s", self.name, "; ".join(lossy))
+        return _drop(adapter, self.features)
+
     def prepare(self, adapter: Adapter, opts: WriteOptions) -> Adapter:
         """Drop what cannot be held (only with allow_lossy), unify rank/scale as the layout needs."""
-        lossy = self.lossy_parts(adapter)
-        if lossy:
-            if not opts.allow_lossy:
-                raise LossyConversionError(
-                    f"{self.name} cannot hold {'; '.join(lossy)}; expected an adapter without them; convert to "
-                    "another layout, or pass --allow-lossy to drop them", dropped=lossy)
-            logger.warning("dropping what %s cannot hold: %s", self.name, "; ".join(lossy))
-            adapter = _drop(adapter, self.features)
+        adapter = self.drop_unsupported(adapter, allow_lossy=opts.allow_lossy)
         adapter = adapter.cast(opts.dtype)
         fixed = None if isinstance(self.one_scale, bool) else float(self.one_scale)
         if fixed is not None:

@@ -106,11 +106,16 @@ class PeftLayout(Layout):
         adapter.meta.base_model = cfg.get("base_model_name_or_path")
         adapter.meta.task_type = cfg.get("task_type")
         if adapter.uses_dora and not cfg.get("use_dora"):
+            for m in adapter.modules.values():
+                m.magnitude = None
             adapter.meta.notes.append(
-                "DoRA magnitudes present but use_dora is false: PEFT and vLLM run this as plain LoRA "
-                "(torchtune 0.6.1 exports look like this); they are kept as DoRA")
+                "DoRA magnitudes present but use_dora is false: PEFT and vLLM run this as plain LoRA, and so is it "
+                "read here (torchtune 0.6.1 exports look like this: convert its adapter_model.pt instead)")
         if adapter.uses_bias and not cfg.get("lora_bias"):
-            adapter.meta.notes.append("lora_B.bias present but lora_bias is false: PEFT ignores it; kept")
+            for m in adapter.modules.values():
+                m.bias = None
+            adapter.meta.notes.append("lora_B.bias present but lora_bias is false: PEFT ignores it, and so is it "
+                                      "read here")
         if cfg.get("use_rslora"):
             adapter.meta.notes.append("rsLoRA (scale alpha/sqrt(r)): llama.cpp ignores use_rslora")
 

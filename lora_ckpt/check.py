@@ -1,0 +1,359 @@
+"""``check``: will a consumer load this adapter and compute the same function? What to change if not.
+
+Pure functions over the canonical :class:`~lora_ckpt.adapter.Adapter` and the source's own config
+(``adapter.meta.config``). Each rule is a known failure of the consumer (formats.md §1, §4, §9, §10,
+§14): refused files, and — worse — files that load and silently compute something else.
+
+Targets and the layout each reads: ``peft``, ``vllm`` and ``llama.cpp`` read PEFT directories
+(llama.cpp through ``convert_lora_to_gguf.py``), ``torchtune`` its epoch directory, ``mlx``
+mlx-lm's adapter directory.
+
+Example:
+    >>> report = check_source("adapter/", target="vllm")
+    >>> report.ok, [f.what for f in report.errors]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .adapter import Adapter, alpha_for
+from .errors import ConversionError, LoraCkptError, quote_list
+from .files import PathLike
+from .keys import matches_target
+
+__all__ = ["TARGETS", "CheckReport", "Finding", "check_adapter", "check_source"]
+
+Target = Literal["peft", "vllm", "llama.cpp", "torchtune", "mlx"]
+#: target -> the layout it reads
+TARGETS: dict[str, str] = {"peft": "peft", "vllm": "peft", "llama.cpp": "peft", "torchtune": "torchtune", "mlx": "mlx"}
+_REINIT = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva", "orthogonal")
+_LAYER = re.compile(r"^(?P<pre>.*?)(?P<layers>layers|h)\.(?P<i>\d+)\.")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reason the target would refuse the adapter or compute something else (``error``), or a
+    thing worth knowing that does not change the function (``warning``)."""
+
+    level: Literal["error", "warning"]
+    what: str
+    fix: str = ""
+
+
+@dataclass
+class CheckReport:
+    """The outcome of :func:`check_adapter`."""
+
+    source: str
+    source_layout: str
+    target: str
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def ok(self) -> bool:
+        """The target loads it and computes the same function."""
+        return not self.errors
+
+    def format(self) -> str:
+        head = (f"OK: {self.target} will load {self.source} ({self.source_layout}) and compute the same function"
+                if self.ok else f"NO: {self.target} will not load {self.source} ({self.source_layout}) as it is, or "
+                f"will compute another function ({len(self.errors)} problem(s))")
+        lines = [head]
+        for f in self.findings:
+            lines.append(f"{f.level}: {f.what}")
+            if f.fix:
+                lines.append(f"  fix: {f.fix}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "source": self.source, "source_layout": self.source_layout, "target": self.target,
+                "findings": [asdict(f) for f in self.findings]}
+
+
+def check_source(source: PathLike, *, target: str, layout: str | None = None, base_config: PathLike | None = None,
+                 alpha: float | None = None) -> CheckReport:
+    """Read ``source`` (any layout) and :func:`check_adapter` it for ``target``.
+
+    Raises:
+        UsageError: unknown target.
+        LoraCkptError: the source cannot be read at all (its own message says why).
+    """
+    from .layouts import load_adapter
+
+    _target(target)
+    adapter = load_adapter(source, layout=layout, base_config=base_config, alpha=alpha)
+    root = Path(source) if Path(source).is_dir() else Path(source).parent
+    export = root / "adapter_model.safetensors"
+    if adapter.meta.source_layout == "torchtune" and TARGETS[target] == "peft" and export.is_file():
+        return _torchtune_export(adapter, export, target=target, source=str(source))
+    return check_adapter(adapter, target=target, source=str(source))
+
+
+def check_adapter(adapter: Adapter, *, target: str, source: str = "SRC") -> CheckReport:
+    """Whether ``target`` loads ``adapter`` (as read from ``source``) and computes its function.
+
+    Args:
+        adapter: the canonical adapter; ``adapter.meta`` carries the source layout and config.
+        target: one of :data:`TARGETS`.
+        source: the path, for the suggested commands.
+    """
+    _target(target)
+    src_layout = adapter.meta.source_layout or "?"
+    report = CheckReport(source=source, source_layout=src_layout, target=target)
+    add = report.findings.append
+    needs = TARGETS[target]
+    if src_layout != needs:
+        add(Finding("error", f"{target} reads {needs} adapters; this one is {src_layout}",
+                    f"lora-ckpt convert {source} --to {needs} -o OUT (exact, verified); the other findings apply to "
+                    "the converted adapter"))
+    if needs == "peft":
+        cfg = adapter.meta.config if src_layout == "peft" else _written_peft_config(adapter)
+        if src_layout == "peft":
+            _peft_config(adapter, cfg, add, source)
+        _prefix(adapter, add)
+        {"peft": _peft, "vllm": _vllm, "llama.cpp": _llamacpp}[target](adapter, cfg, add, source)
+    elif target == "torchtune":
+        _torchtune(adapter, add, source)
+    else:
+        _mlx(adapter, add, source)
+    return report
+
+
+def _target(target: str) -> None:
+    if target not in TARGETS:
+        from .errors import UsageError
+
+        raise UsageError(f"unknown check target {target!r}; expected one of {', '.join(TARGETS)}")
+
+
+def _written_peft_config(adapter: Adapter) -> dict[str, Any]:
+    """The adapter_config.json ``lora-ckpt convert --to peft`` would write."""
+    from .layouts.base import WriteOptions
+    from .layouts.peft import new_config
+
+    try:
+        return new_config(adapter, WriteOptions(base_config=adapter.meta.model_config))
+    except LoraCkptError:
+        return {}
+
+
+# ------------------------------------------------------------------------ PEFT family
+def _peft_config(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> None:
+    """What a PEFT adapter_config.json gets wrong silently (formats.md §1)."""
+    convert = f"lora-ckpt convert {source} --to peft -o OUT (writes a config that matches the tensors)"
+    if adapter.uses_dora and not cfg.get("use_dora"):
+        add(Finding("error", "DoRA magnitudes in the file but use_dora is false: PEFT and vLLM run it as plain LoRA "
+                    "(a different function; torchtune 0.6.1 exports look like this)", convert))
+    if adapter.uses_bias and not cfg.get("lora_bias"):
+        add(Finding("error", "lora_B.bias in the file but lora_bias is false: PEFT ignores the biases", convert))
+    targets = cfg.get("target_modules")
+    if targets not in (None, "all-linear"):
+        missed = [n for n in adapter.modules if not matches_target(n, targets)]
+        if missed:
+            add(Finding("error", f"target_modules {targets!r} does not select {len(missed)} module(s) in the file "
+                        f"({quote_list(missed, 3)}): their tensors are dropped silently", convert))
+    layers = cfg.get("layers_to_transform")
+    if layers is not None:
+        keep = {layers} if isinstance(layers, int) else set(layers)
+        out = [n for n in adapter.modules if (m := _LAYER.match(n)) and int(m["i"]) not in keep]
+        if out:
+            add(Finding("error", f"layers_to_transform {sorted(keep)} excludes {len(out)} module(s) in the file "
+                        f"({quote_list(out, 3)}): dropped silently", convert))
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_REINIT):
+        add(Finding("error", f"init_lora_weights {init!r} re-runs its initialisation on load and modifies the base "
+                    "weights", "set init_lora_weights to true in adapter_config.json"))
+    declared = set(cfg.get("modules_to_save") or [])
+    present = {k.rsplit(".", 1)[0] for k in adapter.extra}
+    absent = sorted(d for d in declared if not any(p.endswith(d) for p in present))
+    if absent:
+        add(Finding("error", f"modules_to_save declares {quote_list(absent)} but the file has no such weights: PEFT "
+                    "raises KeyError", "remove them from modules_to_save"))
+    if not cfg.get("task_type"):
+        add(Finding("warning", "no task_type: AutoPeftModelForCausalLM fails (PeftModel.from_pretrained works)",
+                    'add "task_type": "CAUSAL_LM"'))
+
+
+def _prefix(adapter: Adapter, add: Any) -> None:
+    """Module paths must be the base model's own: consumers skip unknown names silently."""
+    prefixes = {m["pre"] + m["layers"] for n in adapter.modules if (m := _LAYER.match(n))}
+    cfg = adapter.meta.model_config
+    expected = None
+    if cfg is not None and cfg.family is not None:
+        expected = "transformer.h" if cfg.family.name == "gpt2" else "model.layers"
+    wrong = sorted(p for p in prefixes if expected and p != expected)
+    if wrong:
+        add(Finding("error", f"module paths start with {quote_list(wrong)} but the base model's are "
+                    f"'{expected}.N...': PEFT and vLLM match names exactly and silently serve the base model "
+                    "(e.g. a VLM's 'language_model.' prefix)", "rename the modules to the base model's paths"))
+    elif len(prefixes) > 1:
+        add(Finding("warning", f"module paths use several prefixes {quote_list(sorted(prefixes))}; pass "
+                    "--base-config to check them against the base model"))
+
+
+def _peft(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> None:
+    """Everything the canonical form holds, PEFT holds (its reader computed the scales)."""
+
+
+def _vllm(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> None:
+    merge = f"merge it into the base model and serve that: lora-ckpt merge BASE {source} -o MERGED"
+    if adapter.uses_dora:
+        add(Finding("error", "DoRA: vLLM refuses use_dora (and lora_magnitude_vector is an unsupported LoRA weight)",
+                    merge))
+    if adapter.extra:
+        add(Finding("error", f"full tensors {quote_list(adapter.extra, 3)} (modules_to_save / saved embeddings): vLLM "
+                    "refuses them ('unsupported LoRA weight')",
+                    f"lora-ckpt convert {source} --to peft --allow-lossy -o OUT drops them (the same function only if "
+                    f"they equal the base weights, as PEFT's unchanged embedding copies do); otherwise {merge}"))
+    if adapter.uses_bias:
+        add(Finding("error", "lora_B.bias: current vLLM has no LoRA bias (the bias is refused or ignored)", merge))
+    if cfg.get("bias", "none") != "none":
+        add(Finding("error", f"bias={cfg['bias']!r}: vLLM accepts only 'none'", "train without bias, or merge"))
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r > 0:
+        scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)  # vLLM's one scale: no rank/alpha patterns
+        _scales(adapter, lambda m: scale, add, "vLLM computes one scale lora_alpha/r "
+                "(lora_alpha/sqrt(r) with use_rslora) for every module; rank_pattern/alpha_pattern are not applied",
+                source)
+    top = max(adapter.ranks(), default=0)
+    if top > 16:
+        add(Finding("warning", f"rank {top}: start vLLM with --max-lora-rank {top} or more (default 16)"))
+    if any(m.kind == "embedding" for m in adapter.modules.values()):
+        add(Finding("warning", "embedding LoRA: vLLM applies it only for models whose embedding supports LoRA"))
+    if not cfg.get("base_model_name_or_path"):
+        add(Finding("warning", "no base_model_name_or_path: vLLM does not check the adapter belongs to the served "
+                    "model"))
+
+
+def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> None:
+    if adapter.uses_dora:
+        add(Finding("error", "DoRA: convert_lora_to_gguf.py aborts on lora_magnitude_vector",
+                    f"merge it instead: lora-ckpt merge BASE {source} -o MERGED"))
+    full = [k for k in adapter.extra if ".base_layer." not in k]
+    if full:
+        add(Finding("error", f"full tensors {quote_list(full, 3)}: convert_lora_to_gguf.py aborts ('Not a lora_A "
+                    "or lora_B tensor')", f"lora-ckpt convert {source} --to peft --allow-lossy -o OUT (the same "
+                    "function only if they equal the base weights)"))
+    if adapter.uses_bias:
+        add(Finding("error", "lora_B.bias: convert_lora_to_gguf.py aborts on it", "merge the adapter instead"))
+    alpha = cfg.get("lora_alpha")
+    if isinstance(alpha, (int, float)):
+        ranks = adapter.ranks()
+        if cfg.get("use_rslora") and len(ranks) == 1 and not cfg.get("alpha_pattern"):
+            r = next(iter(ranks))
+            fix = (f"llama.cpp ignores use_rslora: set lora_alpha to alpha*sqrt(r) = {alpha_for(alpha / math.sqrt(r), r)} "
+                   "and use_rslora to false")
+        else:
+            fix = (f"fold the per-module scales into lora_B under one rank and alpha: lora-ckpt convert {source} --to "
+                   "loralib -o TMP && lora-ckpt convert TMP --to peft -o OUT (exact up to float32 rounding, verified)")
+        bad = [n for n, m in adapter.modules.items() if not _close(alpha / m.rank, m.scale)]
+        if bad:
+            add(Finding("error", f"llama.cpp scales every tensor by lora_alpha/rank and ignores use_rslora and "
+                        f"alpha_pattern: {len(bad)} module(s) would get another scale ({quote_list(bad, 3)})", fix))
+    if not cfg.get("base_model_name_or_path"):
+        add(Finding("warning", "no base_model_name_or_path: pass --base BASE_DIR to convert_lora_to_gguf.py"))
+
+
+def _scales(adapter: Adapter, scale_of: Any, add: Any, why: str, source: str) -> None:
+    bad = [n for n, m in adapter.modules.items() if not _close(scale_of(m), m.scale)]
+    if bad:
+        add(Finding("error", f"{why}: {len(bad)} module(s) would get another scale ({quote_list(bad, 3)})",
+                    f"fold them into one rank and alpha: lora-ckpt convert {source} --to loralib -o TMP && "
+                    "lora-ckpt convert TMP --to peft -o OUT (exact up to float32 rounding, verified)"))
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1e-12)
+
+
+# ---------------------------------------------------------------- torchtune and mlx
+def _layout_limits(adapter: Adapter, layout: str, add: Any, source: str) -> None:
+    from .layouts import LAYOUTS
+
+    lay = LAYOUTS[layout]
+    for part in lay.lossy_parts(adapter):
+        add(Finding("error", f"{layout} cannot hold {part}",
+                    f"merge the adapter instead (lora-ckpt merge BASE {source} -o MERGED); --allow-lossy drops it, "
+                    "which changes the function"))
+    cfg = adapter.meta.model_config
+    family = cfg.family if cfg else None
+    if lay.scheme != "hf":
+        if family is None:
+            add(Finding("error", f"{layout} names modules by model family and the family is unknown",
+                        "pass --base-config with the base model's config.json"))
+            return
+        try:
+            lay._from_hf(adapter.modules, family, cfg)
+        except (ConversionError, LoraCkptError) as e:
+            add(Finding("error", f"{layout} cannot name every module: {e}"))
+
+
+def _torchtune(adapter: Adapter, add: Any, source: str) -> None:
+    _layout_limits(adapter, "torchtune", add, source)
+    if len(adapter.ranks()) > 1 or len(adapter.scales()) > 1:
+        add(Finding("warning", f"ranks {sorted(adapter.ranks())} / scales {sorted(adapter.scales())}: torchtune has one "
+                    "rank and alpha; the conversion zero-pads ranks and folds scales into lora_b (exact)"))
+    if adapter.uses_dora:
+        add(Finding("warning", "DoRA: torchtune's distributed recipe re-initialises magnitudes when resuming"))
+    add(Finding("warning", "torchtune loads an adapter only when resuming its run (recipe_state.pt beside "
+                "adapter_model.pt); to fine-tune further from scratch, merge it into the base first"))
+
+
+def _mlx(adapter: Adapter, add: Any, source: str) -> None:
+    from .families import FAMILIES
+    from .layouts.mlx import _blocks, placement
+
+    _layout_limits(adapter, "mlx", add, source)
+    dora = [n for n, m in adapter.modules.items() if m.magnitude is not None]
+    if dora and len(dora) != len(adapter.modules):
+        add(Finding("error", "DoRA on some modules only: mlx-lm runs DoRA on every adapted module or none",
+                    "convert to peft or native instead, or merge"))
+    cfg = adapter.meta.model_config
+    family = cfg.family if cfg else FAMILIES.get(adapter.meta.family or "")
+    experts = [n for n in adapter.modules if re.search(r"\.experts\.\d+\.", n)]
+    if experts and (family is None or not family.stacked_experts):
+        add(Finding("error", f"per-expert modules ({quote_list(experts, 2)}): mlx-lm stacks experts in switch_mlp and "
+                    "lora-ckpt knows that stacking only for mixtral, qwen2_moe, qwen3_moe",
+                    "pass --base-config of one of those families, or merge"))
+    num_layers, note = placement(_blocks(adapter.modules), cfg.n_layers if cfg else None)
+    if note:
+        add(Finding("warning", note))
+    if adapter.meta.source_layout == "mlx":
+        mcfg = adapter.meta.config or {}
+        ftype = mcfg.get("fine_tune_type") or ("dora" if mcfg.get("use_dora") else "lora")
+        if adapter.uses_dora and ftype != "dora":
+            add(Finding("error", f"DoRA magnitudes (m) but fine_tune_type {ftype!r}: mlx-lm refuses the file "
+                        "('not an adapter parameter')", 'set "fine_tune_type": "dora"'))
+        given = mcfg.get("num_layers", mcfg.get("lora_layers"))
+        total = cfg.n_layers if cfg else None
+        blocks = _blocks(adapter.modules)
+        if isinstance(given, int) and given >= 0 and total and blocks and min(blocks) < total - given:
+            add(Finding("error", f"num_layers {given} but the file adapts block {min(blocks)} of {total}: mlx-lm "
+                        "refuses it", f'set "num_layers": {num_layers}'))
+
+
+def _torchtune_export(adapter: Adapter, export: Path, *, target: str, source: str) -> CheckReport:
+    """A torchtune epoch dir holds torchtune's own PEFT export: that file is what PEFT-format consumers
+    read, so check it, and whether it says what adapter_model.pt says (torchtune 0.6.1 bugs B1-B3)."""
+    from .convert import compare_adapters
+    from .layouts import load_adapter
+
+    theirs = load_adapter(export, layout="peft", base_config=adapter.meta.model_config)
+    report = check_adapter(theirs, target=target, source=str(export))
+    report.source, report.source_layout = source, "torchtune"
+    diff = compare_adapters(adapter, theirs)
+    if not diff.ok:
+        report.findings.insert(0, Finding(
+            "error", f"{target} would read {export.name}, torchtune's own PEFT export, which disagrees with "
+            f"adapter_model.pt ({diff.summary()}): torchtune 0.6.1's export bugs (DoRA magnitudes, Qwen rows)",
+            f"lora-ckpt convert {source} --to peft -o OUT"))
+    return report
