@@ -36,18 +36,20 @@ Handler = Callable[[argparse.Namespace], int]
 LAYOUT_NAMES = ["native", "peft", "torchtune", "mistral", "loralib", "llmbook", "mlx", "litgpt"]
 
 
-def _source(args: argparse.Namespace, value: str) -> str:
-    """A local path for ``value``; ``hf://ORG/NAME[@REV][/SUBDIR]`` is downloaded first."""
+def _source(args: argparse.Namespace, value: str, *, layout: str | None = "from") -> str:
+    """A local path for ``value``; ``hf://ORG/NAME[@REV][/SUBDIR]`` is downloaded first (only the
+    files of ``--from``'s layout, any layout's, or with ``layout="model"`` a base model's)."""
     if value.startswith("hf://"):
         from .hub import resolve_source
 
-        return str(resolve_source(value, layout=getattr(args, "from_", None), quiet=args.quiet))
+        chosen = getattr(args, "from_", None) if layout == "from" else layout
+        return str(resolve_source(value, layout=chosen, quiet=args.quiet))
     return value
 
 
 def _base_config(args: argparse.Namespace) -> str | None:
     value = getattr(args, "base_config", None)
-    return _source(args, value) if value else None
+    return _source(args, value, layout=None) if value else None
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -101,7 +103,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_checkpoint
 
-    res = merge_checkpoint(_source(args, args.base), _source(args, args.adapter), args.output,
+    res = merge_checkpoint(_source(args, args.base, layout="model"), _source(args, args.adapter), args.output,
                            dtype=_dtype(args.dtype), max_shard_size=args.max_shard_size, to=args.to,
                            base_config=_base_config(args), alpha=args.alpha, force=args.force,
                            untie=args.untie, progress=not args.quiet)

@@ -195,13 +195,35 @@ def _progress(quiet: bool) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- resolving
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
+
+
+def _model_files(src: HubSource, tree: set[str]) -> tuple[list[str], str]:
+    """A base model's files under ``SUBDIR``: safetensors shards + index and every non-weight file
+    (config, tokenizer); pickled or other-format weights only when there are no safetensors."""
+    prefix = f"{src.subdir}/" if src.subdir else ""
+    here = sorted(p for p in tree if p.startswith(prefix) and "/" not in p[len(prefix):])
+    has_st = any(p.endswith(".safetensors") for p in here)
+    files = [p for p in here if not (has_st and p.endswith(_OTHER_WEIGHTS))]
+    if not files:
+        raise EntryNotFoundError(f"{src}: no files in {src.subdir or 'the repo root'}", repo_id=src.repo_id,
+                                 path=src.subdir or None)
+    return files, src.subdir
+
+
+MODEL = "model"  # resolve_source(layout=MODEL): a whole base model folder
+
+
 def _needed_files(src: HubSource, tree: set[str], layout: str | None) -> tuple[list[str], str]:
     """The repo files to download for ``src`` (and the path to return, relative to the snapshot)."""
     from .layouts import LAYOUTS, get_layout
 
+    if layout == MODEL:
+        return _model_files(src, tree)
+
     layouts = [get_layout(layout)] if layout else list(LAYOUTS.values())
-    configs = [c for lay in layouts for c in (lay.config_file, *getattr(lay, "sidecar_files", ())) if c]
-    configs += list(MODEL_CONFIGS)  # sidecar_files: other small files a layout reads beside its weights
+    configs = [c for lay in layouts for c in (lay.config_file, *lay.sidecar_files) if c]
+    configs += list(MODEL_CONFIGS)
     if src.subdir in tree:  # hf://org/name/path/to/file: that file and the configs beside it
         folder = str(PurePosixPath(src.subdir).parent).removeprefix(".")
         near = [f"{folder}/{c}".lstrip("/") for c in dict.fromkeys(configs)]
@@ -259,7 +281,8 @@ def resolve_source(src: str, *, layout: str | None = None, quiet: bool = False) 
     """A local path for ``hf://ORG/NAME[@REVISION][/SUBDIR]``, downloading only the files needed.
 
     With ``layout``, that layout's weight file and config plus ``config.json``/``params.json``
-    under ``SUBDIR``; without, the same for every known layout. Files come from (and go to) the
+    under ``SUBDIR``; without, the same for every known layout; with ``layout=hub.MODEL``, a base
+    model's safetensors shards, index, config and tokenizer files (for ``merge``). Files come from (and go to) the
     standard Hugging Face cache; with ``HF_HUB_OFFLINE=1`` they are read from it, with no request.
 
     Args:

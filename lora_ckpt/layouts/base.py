@@ -100,6 +100,7 @@ class Layout:
     summary: ClassVar[str]
     weight_files: ClassVar[tuple[str, ...]]  # accepted in a directory, preferred first; [0] is written
     config_file: ClassVar[str | None] = None
+    sidecar_files: ClassVar[tuple[str, ...]] = ()  # other small files read beside the weights (hub fetches them)
     prefix: ClassVar[str] = ""
     scheme: ClassVar[Scheme] = "hf"
     leaves: ClassVar[dict[Role, str]]

@@ -18,6 +18,7 @@ class LoralibLayout(Layout):
     name = "loralib"
     summary = "loralib / trainers: bare lora_A / lora_B on each module; alpha not in the file (--alpha)"
     weight_files = ("lora_state_dict.pt", "lora.safetensors", "adapter.safetensors")
+    sidecar_files = (SIDECAR,)
     leaves = {"A": "lora_A", "B": "lora_B"}
     one_rank = True
     one_scale = True
