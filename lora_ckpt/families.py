@@ -206,6 +206,7 @@ class Family:
     maps: dict[str, dict[str, str]] = field(default_factory=dict)  # scheme -> HF->scheme table
     torchtune_interleaved: bool = True  # torchtune permutes Llama/Mistral/Gemma q/k; never Qwen
     rope: bool = True  # has q/k projections with rotary embeddings
+    module_prefixes: tuple[str, ...] = ("model.", "lm_head")  # how the HF *ForCausalLM class names modules
     fused: dict[str, tuple[Fused, ...]] = field(default_factory=dict)  # scheme -> many-to-one modules
     stacked_experts: dict[str, str] = field(default_factory=dict)  # mlx switch_mlp template -> HF expert template
 
@@ -240,7 +241,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("gemma", ("gemma",), {"torchtune": {k: v for k, v in _LLAMA_TUNE.items() if k != "lm_head.weight"}}),
     Family("gemma2", ("gemma2",), {"torchtune": {k: v for k, v in _GEMMA2_TUNE.items() if k != "lm_head.weight"}}),
     Family("gemma3", ("gemma3", "gemma3_text"), {}),
-    Family("gpt2", ("gpt2",), {}, rope=False),
+    Family("gpt2", ("gpt2",), {}, rope=False, module_prefixes=("transformer.", "lm_head")),
 )}
 
 _MAPS: dict[tuple[str, str], NameMap] = {}

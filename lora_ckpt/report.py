@@ -173,8 +173,7 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
     without torch."""
     from .errors import MissingConfigError, UnknownLayoutError
     from .families import load_model_config
-    from .layouts import detect_layout
-    from .layouts.base import ReadOptions
+    from .layouts import detect_layout, read_detected
 
     try:
         det = detect_layout(source, layout=layout)
@@ -186,13 +185,14 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
     cfg = load_model_config(base_config) if base_config else None
     warnings: list[str] = []
     try:
-        adapter = det.layout.read(det.source, ReadOptions(base_config=cfg, alpha=alpha))
+        adapter = read_detected(det, base_config=cfg, alpha=alpha, use_hub=False)
     except MissingConfigError as e:  # e.g. loralib without --alpha: report shapes, say what is missing
         if det.layout.name not in ("loralib", "torchtune", "peft"):
             raise
-        adapter = det.layout.read(det.source, ReadOptions(base_config=cfg, alpha=1.0))
+        adapter = read_detected(det, base_config=cfg, alpha=1.0, use_hub=False)
         warnings.append(f"scale unknown ({e}); scales below assume alpha=1")
     warnings += adapter.meta.notes
+    warnings += _prefix_warnings(adapter)
     w = det.source.weights
     if w.suffix == ".safetensors" and (values or w.stat().st_size <= VALUE_SCAN_LIMIT):
         bad = nonfinite_tensors(w)
@@ -219,6 +219,21 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
         base_model=adapter.meta.base_model, modules=mods, ranks=dict(adapter.ranks()),
         scales=dict(adapter.scales()), dtypes=dict(dtypes), parameters=adapter.num_parameters(),
         dora=adapter.uses_dora, lora_bias=adapter.uses_bias, extra=sorted(adapter.extra), warnings=warnings)
+
+
+def _prefix_warnings(adapter: Any) -> list[str]:
+    """Modules named differently from how the declared base model class names them are skipped
+    silently by PEFT, vLLM and transformers (e.g. a VLM's ``language_model.`` prefix)."""
+    cfg = adapter.meta.model_config
+    if cfg is None or cfg.family is None:
+        return []
+    prefixes = cfg.family.module_prefixes
+    wrong = sorted(n for n in adapter.modules if not n.startswith(prefixes))
+    if not wrong:
+        return []
+    arch = (cfg.raw.get("architectures") or [cfg.family.name])[0]
+    return [f"module(s) {quote_list(wrong, 3)} do not start with {quote_list(prefixes)} as {arch} names its "
+            "modules: PEFT, vLLM and transformers skip them silently and serve the base model; fix the prefix"]
 
 
 def _torchtune_export_check(root: Path, cfg: Any) -> list[str]:

@@ -22,11 +22,12 @@ def test_cli_layout_names_match_the_registry():
 
 
 @pytest.mark.parametrize("path, layout, family", [
-    ("peft/llama-lora", "peft", None), ("peft/llama-bin", "peft", None),
+    ("peft/llama-lora", "peft", "llama"), ("peft/llama-bin", "peft", "llama"),  # base_model_name_or_path
     ("torchtune/llama-lora/epoch_0", "torchtune", "llama"), ("torchtune/qwen2-lora/epoch_0", "torchtune", "qwen2"),
     ("mistral/lora", "mistral", "mistral"), ("mistral/lora/lora.safetensors", "mistral", "mistral"),
 ])
-def test_detects_each_fixture_with_a_reason(path, layout, family):
+def test_detects_each_fixture_with_a_reason(path, layout, family, monkeypatch):
+    monkeypatch.chdir(FIX.parent)  # the PEFT fixtures name their base "fixtures/hf/<family>"
     rep = inspect_source(FIX / path)
     assert isinstance(rep, AdapterReport)
     assert rep.layout == layout and rep.reason and rep.family == family
@@ -119,3 +120,21 @@ def test_cli_convert_and_verify_exit_codes(tmp_path, capsys):
     assert main(["convert", str(FIX / "peft/llama-lora"), "--to", "peft", "-o", str(out)]) == 1
     assert "exists; pass --force" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_warns_when_module_prefix_does_not_match_the_base_class(tmp_path):
+    from safetensors.torch import load_file
+
+    src = FIX / "peft/llama-lora"
+    (tmp_path / "a").mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(FIX / "hf/llama")
+    (tmp_path / "a/adapter_config.json").write_text(json.dumps(cfg))
+    t = {k.replace("base_model.model.model.", "base_model.model.language_model.model."): v
+         for k, v in load_file(src / "adapter_model.safetensors").items()}
+    save_file(t, tmp_path / "a/adapter_model.safetensors")
+    rep = inspect_source(tmp_path / "a")
+    assert any("skip them silently" in w and "LlamaForCausalLM" in w for w in rep.warnings)
+    assert rep.family == "llama"
+    rep = inspect_source(src, base_config=FIX / "hf/llama/config.json")
+    assert not any("skip them silently" in w for w in rep.warnings)

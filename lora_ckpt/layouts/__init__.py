@@ -28,7 +28,7 @@ from .torchtune import TorchtuneLayout
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LAYOUTS", "Detection", "detect_layout", "get_layout", "load_adapter", "save_adapter"]
+__all__ = ["LAYOUTS", "Detection", "detect_layout", "get_layout", "load_adapter", "read_detected", "save_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,14 @@ def load_adapter(source: PathLike, *, layout: str | None = None,
     """
     det = detect_layout(source, layout=layout)
     logger.debug("%s: %s layout (%s)", source, det.layout.name, det.reason)
+    return read_detected(det, base_config=base_config, alpha=alpha)
+
+
+def read_detected(det: Detection, *, base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
+                  use_hub: bool = True) -> Adapter:
+    """Read a detected source (``det.source.shapes_only`` reads shapes only); find the base model's
+    config from ``base_model_name_or_path`` when none was given (a local folder, or with ``use_hub``
+    the Hub)."""
     adapter = det.layout.read(det.source, ReadOptions(base_config=_model_config(base_config), alpha=alpha))
     base = adapter.meta.base_model
     if adapter.meta.model_config is None and base:
@@ -120,7 +128,7 @@ def load_adapter(source: PathLike, *, layout: str | None = None,
         if (Path(base) / "config.json").is_file():
             cfg = load_model_config(Path(base) / "config.json")
             how = f"base model config read from base_model_name_or_path {base!r}"
-        else:  # a Hub repo id: only its config.json, cache first; a failure is a note, never an error here
+        elif use_hub:  # a Hub repo id: only its config.json, cache first; a failure is a note, never an error here
             from ..errors import LoraCkptError
             from ..hub import fetch_model_config
 
