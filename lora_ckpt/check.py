@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -89,22 +90,28 @@ def check_source(source: PathLike, *, target: str, layout: str | None = None, ba
     """
     from .layouts import load_adapter
 
+    from .layouts import detect_layout
+
     _target(target)
     adapter = load_adapter(source, layout=layout, base_config=base_config, alpha=alpha)
     root = Path(source) if Path(source).is_dir() else Path(source).parent
     export = root / "adapter_model.safetensors"
     if adapter.meta.source_layout == "torchtune" and TARGETS[target] == "peft" and export.is_file():
         return _torchtune_export(adapter, export, target=target, source=str(source))
-    return check_adapter(adapter, target=target, source=str(source))
+    keys = detect_layout(source, layout=adapter.meta.source_layout).source.keys()
+    return check_adapter(adapter, target=target, source=str(source), file_keys=keys)
 
 
-def check_adapter(adapter: Adapter, *, target: str, source: str = "SRC") -> CheckReport:
+def check_adapter(adapter: Adapter, *, target: str, source: str = "SRC",
+                  file_keys: Collection[str] = ()) -> CheckReport:
     """Whether ``target`` loads ``adapter`` (as read from ``source``) and computes its function.
 
     Args:
         adapter: the canonical adapter; ``adapter.meta`` carries the source layout and config.
         target: one of :data:`TARGETS`.
         source: the path, for the suggested commands.
+        file_keys: the source file's tensor names (what a reader may have set aside, such as DoRA
+            magnitudes a PEFT config disowns).
     """
     _target(target)
     src_layout = adapter.meta.source_layout or "?"
@@ -118,9 +125,9 @@ def check_adapter(adapter: Adapter, *, target: str, source: str = "SRC") -> Chec
     if needs == "peft":
         cfg = adapter.meta.config if src_layout == "peft" else _written_peft_config(adapter)
         if src_layout == "peft":
-            _peft_config(adapter, cfg, add, source)
+            _peft_config(adapter, cfg, add, source, file_keys)
         _prefix(adapter, add)
-        {"peft": _peft, "vllm": _vllm, "llama.cpp": _llamacpp}[target](adapter, cfg, add, source)
+        {"peft": _peft, "vllm": _vllm, "llama.cpp": _llamacpp}[target](adapter, cfg, add, source, file_keys)
     elif target == "torchtune":
         _torchtune(adapter, add, source)
     else:
@@ -147,14 +154,20 @@ def _written_peft_config(adapter: Adapter) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------ PEFT family
-def _peft_config(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> None:
+def _peft_config(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:
     """What a PEFT adapter_config.json gets wrong silently (formats.md §1)."""
     convert = f"lora-ckpt convert {source} --to peft -o OUT (writes a config that matches the tensors)"
-    if adapter.uses_dora and not cfg.get("use_dora"):
+    magnitudes = adapter.uses_dora or _has(keys, ".lora_magnitude_vector")
+    biases = adapter.uses_bias or _has(keys, ".lora_B.bias")
+    if magnitudes and not cfg.get("use_dora"):
+        convert = ("set use_dora: true in adapter_config.json if the magnitudes are meant (torchtune exports: "
+                   "convert its adapter_model.pt with lora-ckpt convert DIR --to peft -o OUT instead)")
         add(Finding("error", "DoRA magnitudes in the file but use_dora is false: PEFT and vLLM run it as plain LoRA "
                     "(a different function; torchtune 0.6.1 exports look like this)", convert))
-    if adapter.uses_bias and not cfg.get("lora_bias"):
-        add(Finding("error", "lora_B.bias in the file but lora_bias is false: PEFT ignores the biases", convert))
+    if biases and not cfg.get("lora_bias"):
+        add(Finding("error", "lora_B.bias in the file but lora_bias is false: PEFT ignores the biases",
+                    "set lora_bias: true in adapter_config.json if the biases are meant"))
+    convert = f"lora-ckpt convert {source} --to peft -o OUT (writes a config that matches the tensors)"
     targets = cfg.get("target_modules")
     if targets not in (None, "all-linear"):
         missed = [n for n in adapter.modules if not matches_target(n, targets)]
@@ -200,13 +213,13 @@ def _prefix(adapter: Adapter, add: Any) -> None:
                     "--base-config to check them against the base model"))
 
 
-def _peft(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> None:
+def _peft(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:
     """Everything the canonical form holds, PEFT holds (its reader computed the scales)."""
 
 
-def _vllm(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> None:
+def _vllm(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:
     merge = f"merge it into the base model and serve that: lora-ckpt merge BASE {source} -o MERGED"
-    if adapter.uses_dora:
+    if adapter.uses_dora or _has(keys, ".lora_magnitude_vector"):
         add(Finding("error", "DoRA: vLLM refuses use_dora (and lora_magnitude_vector is an unsupported LoRA weight)",
                     merge))
     if adapter.extra:
@@ -214,7 +227,7 @@ def _vllm(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> None:
                     "refuses them ('unsupported LoRA weight')",
                     f"lora-ckpt convert {source} --to peft --allow-lossy -o OUT drops them (the same function only if "
                     f"they equal the base weights, as PEFT's unchanged embedding copies do); otherwise {merge}"))
-    if adapter.uses_bias:
+    if adapter.uses_bias or _has(keys, ".lora_B.bias"):
         add(Finding("error", "lora_B.bias: current vLLM has no LoRA bias (the bias is refused or ignored)", merge))
     if cfg.get("bias", "none") != "none":
         add(Finding("error", f"bias={cfg['bias']!r}: vLLM accepts only 'none'", "train without bias, or merge"))
@@ -234,8 +247,8 @@ def _vllm(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> None:
                     "model"))
 
 
-def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> None:
-    if adapter.uses_dora:
+def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:
+    if adapter.uses_dora or _has(keys, ".lora_magnitude_vector"):
         add(Finding("error", "DoRA: convert_lora_to_gguf.py aborts on lora_magnitude_vector",
                     f"merge it instead: lora-ckpt merge BASE {source} -o MERGED"))
     full = [k for k in adapter.extra if ".base_layer." not in k]
@@ -243,7 +256,7 @@ def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str) -> N
         add(Finding("error", f"full tensors {quote_list(full, 3)}: convert_lora_to_gguf.py aborts ('Not a lora_A "
                     "or lora_B tensor')", f"lora-ckpt convert {source} --to peft --allow-lossy -o OUT (the same "
                     "function only if they equal the base weights)"))
-    if adapter.uses_bias:
+    if adapter.uses_bias or _has(keys, ".lora_B.bias"):
         add(Finding("error", "lora_B.bias: convert_lora_to_gguf.py aborts on it", "merge the adapter instead"))
     alpha = cfg.get("lora_alpha")
     if isinstance(alpha, (int, float)):
@@ -269,6 +282,10 @@ def _scales(adapter: Adapter, scale_of: Any, add: Any, why: str, source: str) ->
         add(Finding("error", f"{why}: {len(bad)} module(s) would get another scale ({quote_list(bad, 3)})",
                     f"fold them into one rank and alpha: lora-ckpt convert {source} --to loralib -o TMP && "
                     "lora-ckpt convert TMP --to peft -o OUT (exact up to float32 rounding, verified)"))
+
+
+def _has(keys: Collection[str], suffix: str) -> bool:
+    return any(k.endswith(suffix) for k in keys)
 
 
 def _close(a: float, b: float) -> bool:
@@ -347,13 +364,18 @@ def _torchtune_export(adapter: Adapter, export: Path, *, target: str, source: st
     from .convert import compare_adapters
     from .layouts import load_adapter
 
+    from .layouts import detect_layout
+
     theirs = load_adapter(export, layout="peft", base_config=adapter.meta.model_config)
-    report = check_adapter(theirs, target=target, source=str(export))
+    keys = detect_layout(export, layout="peft").source.keys()
+    report = check_adapter(theirs, target=target, source=str(export), file_keys=keys)
     report.source, report.source_layout = source, "torchtune"
     diff = compare_adapters(adapter, theirs)
     if not diff.ok:
         report.findings.insert(0, Finding(
             "error", f"{target} would read {export.name}, torchtune's own PEFT export, which disagrees with "
-            f"adapter_model.pt ({diff.summary()}): torchtune 0.6.1's export bugs (DoRA magnitudes, Qwen rows)",
+            f"adapter_model.pt (worst relative difference {diff.worst:.2g}"
+            f"{'; ' + diff.problems[0] if diff.problems else ''}): torchtune 0.6.1's export bugs (DoRA magnitudes and "
+            "use_dora, Qwen rows)",
             f"lora-ckpt convert {source} --to peft -o OUT"))
     return report
