@@ -89,6 +89,7 @@ class LitgptLayout(Layout):
     summary = "LitGPT lit_model.pth.lora + hyperparameters.yaml (fused attn.qkv, bare lora_A/lora_B)"
     weight_files = ("lit_model.pth.lora",)
     config_file = HPARAMS
+    sidecar_files = ("model_config.yaml", "config.json")  # LitGPT's and HF's model configs (head counts)
     scheme = "litgpt"
     leaves = {"A": "lora_A", "B": "lora_B"}
     one_rank = True
