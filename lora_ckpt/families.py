@@ -8,6 +8,7 @@ the inverted table. ``tests/test_families.py`` asserts every table is a bijectio
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -326,29 +327,37 @@ class ModelConfig:
         return None
 
 
+def _positive(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = cfg.get(key) if cfg.get(key) is not None else default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value <= 0:
+        raise ValueError(key)
+    return int(value)
+
+
 def model_config_from_dict(cfg: dict[str, Any], *, source: str = "") -> ModelConfig:
     """Read an HF ``config.json`` or a Meta/Mistral ``params.json`` dict."""
     if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers (Gemma-3, Llama-4 ...)
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
     try:
         if "n_heads" in cfg and "dim" in cfg:  # params.json
-            n = int(cfg["n_heads"])
+            n, dim = _positive(cfg, "n_heads"), _positive(cfg, "dim")
             family = FAMILIES["mixtral" if cfg.get("moe") else "mistral"]
-            return ModelConfig(family, n, int(cfg.get("n_kv_heads") or n), int(cfg.get("head_dim") or cfg["dim"] // n),
-                               int(cfg["dim"]), cfg, source)
+            return ModelConfig(family, n, _positive(cfg, "n_kv_heads", n), _positive(cfg, "head_dim", dim // n),
+                               dim, cfg, source)
         model_type = cfg.get("model_type", "")
-        family = family_for_model_type(model_type)
+        family = family_for_model_type(model_type) if isinstance(model_type, str) else None
         if model_type == "gpt2":
-            n = int(cfg["n_head"])
-            return ModelConfig(family, n, n, int(cfg["n_embd"]) // n, int(cfg["n_embd"]), cfg, source)
-        n = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        return ModelConfig(family, n, int(cfg.get("num_key_value_heads") or n), int(cfg.get("head_dim") or hidden // n),
+            n, dim = _positive(cfg, "n_head"), _positive(cfg, "n_embd")
+            return ModelConfig(family, n, n, _positive({"hd": dim // n}, "hd"), dim, cfg, source)
+        n, hidden = _positive(cfg, "num_attention_heads"), _positive(cfg, "hidden_size")
+        return ModelConfig(family, n, _positive(cfg, "num_key_value_heads", n), _positive(cfg, "head_dim", hidden // n),
                            hidden, cfg, source)
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(
             f"{source or 'config'}: not a model config with head counts (missing or invalid {e}); expected an HF "
-            "config.json (num_attention_heads, hidden_size) or a params.json (n_heads, dim)", path=source or None) from e
+            "config.json (num_attention_heads, hidden_size) or a params.json (n_heads, dim) with positive "
+            "integers", path=source or None) from e
 
 
 def load_model_config(path: PathLike) -> ModelConfig:
