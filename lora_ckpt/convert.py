@@ -97,6 +97,10 @@ def _delta_rel(a: ModuleLoRA, b: ModuleLoRA) -> float:
     return 0.0 if d2 == 0 else (math.sqrt(d2) / denom if denom else math.inf)
 
 
+def _noop(m: ModuleLoRA) -> bool:
+    return m.magnitude is None and m.bias is None and (not bool(m.A.any()) or not bool(m.B.any()))
+
+
 def _tolerance(a: Adapter, b: Adapter) -> float:
     low = {torch.bfloat16, torch.float16}
     dtypes = {t.dtype for ad in (a, b) for m in ad.modules.values() for t in (m.A, m.B)}
@@ -106,8 +110,9 @@ def _tolerance(a: Adapter, b: Adapter) -> float:
 def compare_adapters(a: Adapter, b: Adapter, *, tolerance: float | None = None) -> VerifyReport:
     """Compare the effective updates of two canonical adapters, module by module."""
     rep = VerifyReport(tolerance=tolerance if tolerance is not None else _tolerance(a, b))
-    rep.only_a = sorted(set(a.modules) - set(b.modules))
-    rep.only_b = sorted(set(b.modules) - set(a.modules))
+    # a module whose update is exactly zero computes the same as no module (placement fillers)
+    rep.only_a = sorted(n for n in set(a.modules) - set(b.modules) if not _noop(a.modules[n]))
+    rep.only_b = sorted(n for n in set(b.modules) - set(a.modules) if not _noop(b.modules[n]))
     for name in sorted(set(a.modules) & set(b.modules)):
         ma, mb = a.modules[name], b.modules[name]
         if ma.A.shape[1] != mb.A.shape[1] or ma.B.shape[0] != mb.B.shape[0]:
@@ -191,7 +196,10 @@ def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = Non
         back = load_adapter(tmp, layout=to, base_config=base_config or written.meta.model_config)
         report = compare_adapters(written, back)
         expected = get_layout(to).drop_unsupported(adapter, allow_lossy=True)  # what was meant to be written
-        fold = compare_adapters(Adapter({n: expected.modules[n] for n in written.modules}, written.extra), written)
+        kept = Adapter({n: m for n, m in written.modules.items() if n in expected.modules}, written.extra)
+        fold = compare_adapters(Adapter({n: expected.modules[n] for n in kept.modules}, written.extra), kept)
+        fold.problems += [f"{n}: written but not in the source, and not zero" for n, m in written.modules.items()
+                          if n not in expected.modules and not _noop(m)]
         report.worst = max(report.worst, fold.worst)
         report.problems += fold.problems
         reports.append(report)

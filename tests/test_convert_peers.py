@@ -207,24 +207,31 @@ PARTIAL = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: PEFT -> torchtune writes only the adapted modules, but torchtune places LoRA per projection type in "
-    "EVERY layer (and w1/w2/w3 together): its strict load (and the recipe's "
-    "validate_missing_and_unexpected_for_lora) fails on the missing modules; zero-fill them (exact) or refuse"))
+# torchtune places LoRA per projection type in every layer (and w1/w2/w3 together): the missing modules are
+# written as zeros (exact), so its strict load works; converting back drops the zero fillers.
 @pytest.mark.parametrize("case,kw", PARTIAL, ids=[c[0] for c in PARTIAL])
-def test_peft_subset_placement_into_torchtune_loads_or_is_refused(tmp_path, case, kw):
-    from lora_ckpt.errors import LoraCkptError
-
+def test_peft_subset_placement_into_torchtune_loads_exactly(tmp_path, case, kw):
     src = tmp_path / "peft"
     P.make_peft_adapter("llama", src, seed=510, **kw)
     ref, _ = P.peft_logits("llama", src)
     out = tmp_path / "tt"
-    try:
-        convert(src, out, to="torchtune", base_config=P.hf_config_path("llama"))
-    except LoraCkptError:
-        return  # an honest refusal is acceptable
+    convert(src, out, to="torchtune", base_config=P.hf_config_path("llama"))
     got = P.tt_logits(load_tt_output("llama", out))
     assert P.rel_diff(got, ref) <= P.EXACT
+    back = tmp_path / "back"
+    convert(out, back, to="peft")  # the zero fillers are read as absent: the original placement returns
+    assert (back / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
+
+
+def test_dora_subset_placement_into_torchtune_is_refused(tmp_path):
+    from lora_ckpt.errors import ConversionError
+
+    src = tmp_path / "peft"
+    P.make_peft_adapter("llama", src, seed=511, target_modules=["q_proj", "v_proj"], layers_to_transform=[0],
+                        use_dora=True)
+    with pytest.raises(ConversionError, match="zeros are not a no-op for DoRA"):
+        convert(src, tmp_path / "tt", to="torchtune", base_config=P.hf_config_path("llama"))
+    assert not (tmp_path / "tt").exists()
 
 
 def test_reinitialising_a_loaded_dora_magnitude_would_be_wrong(tmp_path):

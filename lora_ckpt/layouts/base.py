@@ -109,6 +109,9 @@ class Layout:
     one_rank: ClassVar[bool] = False  # the layout has a single global rank
     one_scale: ClassVar[float | bool] = False  # single global scale (True), or a fixed value
     pickle: ClassVar[bool] = False  # weights written with torch.save instead of safetensors
+    # The consumer puts LoRA on a projection type in every layer, and on all MLP projections or none
+    # (torchtune): writing fills the rest with zero factors (a no-op), reading drops all-zero modules.
+    every_layer: ClassVar[bool] = False
     # how a fused module's LoRA is stored (lora_ckpt.fused): one shared A ("plain") or one A per part ("grouped")
     fused_lora: ClassVar[Literal["plain", "grouped"]] = "plain"
     legacy_names: ClassVar[dict[str, str]] = {}  # module template now -> older template accepted on read
@@ -209,6 +212,8 @@ class Layout:
             model_cfg.check_modules(adapter.modules, source=str(src.path))
         if not src.shapes_only:  # row order does not change shapes
             self._rope(adapter, model_cfg, to_hf=True)
+            if self.every_layer:
+                drop_zero_modules(adapter)
             bad = nonfinite(src.tensors)
             if bad:
                 adapter.meta.notes.append(f"{len(bad)} tensor(s) hold NaN/Inf ({quote_list(bad, 3)}); they are kept "
@@ -375,6 +380,8 @@ class Layout:
             rank = self._uniform_rank(adapter, opts)
             adapter = replace(adapter, modules={n: m.padded(rank) if m.rank < rank else m
                                                 for n, m in adapter.modules.items()})
+        if self.every_layer:
+            adapter = fill_every_layer(adapter, opts.base_config or adapter.meta.model_config, layout=self.name)
         return adapter
 
     def _uniform_rank(self, adapter: Adapter, opts: WriteOptions) -> int:
@@ -446,6 +453,64 @@ class Layout:
         save_tensors(tensors, out / self.weight_files[0], pickle=self.pickle)
         self.write_config(adapter, out, replace(opts, base_config=model_cfg))
         return adapter
+
+
+_LAYER_RE = re.compile(r"^(?P<pre>.*\.layers\.)(?P<i>\d+)\.(?P<rest>.+)$")
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def fill_every_layer(adapter: Adapter, cfg: ModelConfig | None, *, layout: str) -> Adapter:
+    """Zero factors for every (layer, projection type) the adapter lacks, where the consumer adapts
+    a type in all layers and the MLP projections together. Exact for LoRA (B = 0 adds nothing);
+    refused for DoRA (a zero-update DoRA module still rescales rows)."""
+    import torch
+
+    from ..adapter import ModuleLoRA
+
+    by_type: dict[tuple[str, str], set[int]] = {}
+    for name in adapter.modules:
+        m = _LAYER_RE.match(name)
+        if m:
+            by_type.setdefault((m["pre"], m["rest"]), set()).add(int(m["i"]))
+    if not by_type:
+        return adapter
+    for pre in {p for p, _ in by_type}:
+        if any((pre, t) in by_type for t in _MLP):
+            for t in _MLP:
+                by_type.setdefault((pre, t), set())
+    n_layers = (cfg.raw.get("num_hidden_layers") or cfg.raw.get("n_layers")) if cfg else None
+    n_layers = int(n_layers or max(i for layers in by_type.values() for i in layers) + 1)
+    missing = [f"{pre}{i}.{rest}" for (pre, rest), layers in by_type.items() for i in range(n_layers)
+               if i not in layers]
+    if not missing:
+        return adapter
+    if adapter.uses_dora:
+        raise ConversionError(
+            f"{layout} adapts every layer (and all MLP projections) but this DoRA adapter lacks {quote_list(missing, 3)}; "
+            "zeros are not a no-op for DoRA; convert to a layout that keeps placement (peft, native)")
+    ref = next(iter(adapter.modules.values()))
+    fill = {}
+    for name in missing:
+        rest = _LAYER_RE.match(name)["rest"]  # type: ignore[index]
+        like = next((m for n, m in adapter.modules.items() if n.endswith("." + rest)), None)
+        shape = (like.B.shape[0], like.A.shape[1]) if like is not None else cfg.expected_shape(name) if cfg else None
+        if shape is None:
+            raise MissingConfigError(f"{layout} needs {name!r} written as zeros, and its shape needs the base "
+                                     "config; pass --base-config")
+        fill[name] = ModuleLoRA(A=torch.zeros(ref.rank, shape[1], dtype=ref.A.dtype),
+                                B=torch.zeros(shape[0], ref.rank, dtype=ref.B.dtype), scale=ref.scale)
+    logger.info("%s adapts every layer: %d module(s) written as zeros (a no-op)", layout, len(fill))
+    return replace(adapter, modules={**adapter.modules, **fill})
+
+
+def drop_zero_modules(adapter: Adapter) -> None:
+    """Remove all-zero modules (a layout's placement filler) unless every module is zero."""
+    zero = [n for n, m in adapter.modules.items() if m.magnitude is None and m.bias is None
+            and not bool(m.A.any()) and not bool(m.B.any())]
+    if zero and len(zero) < len(adapter.modules):
+        for n in zero:
+            del adapter.modules[n]
+        adapter.meta.notes.append(f"{len(zero)} all-zero module(s) read as absent (placement fillers; a no-op)")
 
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:

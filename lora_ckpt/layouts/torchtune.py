@@ -29,6 +29,7 @@ class TorchtuneLayout(Layout):
     one_rank = True
     one_scale = True
     pickle = True
+    every_layer = True  # torchtune's lora_attn_modules / apply_lora_to_mlp apply to all layers
 
     def detect(self, src: Source) -> tuple[int, str] | None:
         keys = src.keys()
