@@ -62,7 +62,9 @@ Target = Literal["hf", "torchtune", "meta"]
 BLOCK_ELEMENTS = 1 << 20
 #: bytes per copy_file_range call (progress granularity)
 COPY_BYTES = 1 << 26
-#: output blocks computed ahead of the writer thread
+#: bytes per write() of computed rows (large writes cost the kernel less per byte)
+WRITE_BYTES = 1 << 24
+#: write units computed ahead of the writer thread
 WRITE_SLOTS = 3
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 _CODE = {getattr(torch, name): code for code, (_, name) in DTYPES.items()}
@@ -369,12 +371,12 @@ class _Streamer:
     # ----------------------------------------------------------------- writer thread
     def _writer(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if self.error is not None:  # failed: drain, keep the producer from blocking
+            if job[0] == "call":  # a flush/abort marker: everything before it is done
+                job[2].set()
+                continue
+            if self.error is not None:  # failed: skip the rest, keep the producer from blocking
                 if job[0] == "block":
                     self.free.put(job[3])
-                continue
-            if job[0] == "call":
-                job[2].set()
                 continue
             try:
                 if job[0] == "block":
@@ -451,7 +453,7 @@ class _Streamer:
         t = self.slots[k]
         nbytes = n * dtype.itemsize
         if t is None or t.numel() < nbytes:
-            t = self.slots[k] = torch.empty(max(nbytes, BLOCK_ELEMENTS * 4), dtype=torch.uint8)
+            t = self.slots[k] = torch.empty(nbytes, dtype=torch.uint8)
         return k, t[:nbytes].view(dtype)
 
     def _rows(self, o: _Out, i: int, j: int, cols: int) -> torch.Tensor:
@@ -494,17 +496,21 @@ class _Streamer:
         if o.lora is not None and o.lora.magnitude is not None and o.transposed:
             col_factor = self._dora_column_factor(o, factors, rows, cols, step)  # type: ignore[arg-type]
         out_dtype = getattr(torch, DTYPES[o.dtype][1])
-        for i in range(0, rows, step):
-            j = min(rows, i + step)
-            slot, out = self._slot((j - i) * cols, out_dtype)
-            out = out.view(j - i, cols)
-            block = self._block(o, factors, i, j, cols, col_factor)
-            if o.permute:
-                out.copy_(rotate_half_to_interleaved(block, (j - i) // o.permute[1], o.permute[1]))
-            elif block is not out:
-                out.copy_(block)
-            del block
-            self._release(o, i, j, cols)
+        # blocks are computed into write units of ~WRITE_BYTES (a whole number of blocks): fewer, larger writes
+        unit = max(1, WRITE_BYTES // (max(cols, 1) * out_dtype.itemsize) // step) * step
+        for u in range(0, rows, unit):
+            v = min(rows, u + unit)
+            slot, out = self._slot((v - u) * cols, out_dtype)
+            out = out.view(v - u, cols)
+            for i in range(u, v, step):
+                j = min(v, i + step)
+                block, dst = self._block(o, factors, i, j, cols, col_factor), out[i - u: j - u]
+                if o.permute:
+                    dst.copy_(rotate_half_to_interleaved(block, (j - i) // o.permute[1], o.permute[1]))
+                else:
+                    dst.copy_(block)
+                del block
+                self._release(o, i, j, cols)
             self.jobs.put(("block", f, out, slot))
 
     def _block(self, o: _Out, factors: tuple[torch.Tensor, torch.Tensor] | None, i: int, j: int, cols: int,

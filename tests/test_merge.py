@@ -94,8 +94,9 @@ def merged_model(out: Path):
     return AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
 
 
-def assert_weights_equal_peft(out: Path, peft, *, atol: float = 1e-7, rtol: float = 2.5e-7) -> None:
-    """The written tensors equal PEFT's merge_and_unload() within fp32 rounding (bit-identical in practice)."""
+def assert_weights_equal_peft(out: Path, peft, *, atol: float = 1e-6, rtol: float = 1e-6) -> None:
+    """The written tensors equal PEFT's merge_and_unload() within a few fp32 ulps (our update is one fused
+    addmm, PEFT's mm, mul, add: bit-identical when the scale is a power of two)."""
     with torch.no_grad():
         ref = {k: v for k, v in peft.merge_and_unload().state_dict().items()}
     ours = {}
@@ -343,6 +344,22 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         merge_checkpoint(FIX / "hf/llama", FIX / "peft/llama-lora", tmp_path / "m", progress=False)
     assert list(tmp_path.iterdir()) == []  # no output, no temporary sibling
+
+
+def test_disk_full_in_writer_thread_leaves_nothing(tmp_path, monkeypatch):
+    real, calls = merge_mod._write_all, []
+
+    def full(f, t):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(f, t)
+
+    monkeypatch.setattr(merge_mod, "_write_all", full)
+    monkeypatch.setattr(merge_mod, "WRITE_BYTES", 4096)  # many write units
+    with pytest.raises(OutputPathError, match="No space left"):
+        merge_checkpoint(FIX / "hf/llama", FIX / "peft/llama-lora", tmp_path / "m", progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_inside_input_refused(tmp_path):
