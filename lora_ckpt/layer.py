@@ -110,16 +110,23 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.linear(x)
         if self.merged:
-            return out
+            return self.linear(x)
+        w, bias = self.linear.weight, self.linear.bias
         a, b = self.lora_A.weight, self.lora_B.weight
-        h = F.linear(self.dropout(x).to(a.dtype), a)  # (..., r): the only extra activation
-        # One GEMM adds s*h@B^T straight into the base output (cuBLAS/BLAS beta=1): no
-        # full-size temporary and no separate scale or add pass over the output.
-        out2 = out.view(-1, self.out_features)
-        out2.addmm_(h.reshape(-1, self.r).to(out.dtype), b.t().to(out.dtype), alpha=self.scaling)
-        return out
+        fast = (type(self.linear) is nn.Linear and not w.requires_grad and (bias is None or not bias.requires_grad)
+                and x.dtype == w.dtype == a.dtype == b.dtype
+                and (isinstance(self.dropout, nn.Identity) or not self.training))
+        if fast:
+            return _LoRAFunction.apply(x, w, bias, a, b, self.scaling)
+        # General path (base trains, dropout active, mixed dtypes, Linear subclasses): autograd
+        # over the same two GEMMs, the adapter GEMM adding into the base output of a 2-D input.
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        out = self.linear(x2)
+        h = F.linear(self.dropout(x2).to(a.dtype), a)
+        out.addmm_(h.to(out.dtype), b.t().to(out.dtype), alpha=self.scaling)
+        return out.view(*lead, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in float32, shape (out, in)."""
@@ -222,3 +229,35 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         state_dict[prefix + "lora_A.weight"] = a
         state_dict[prefix + "lora_B.weight"] = torch.zeros(self.out_features, self.r, device=device, dtype=like.dtype)
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` for a frozen base, with no pass over the (T, out) output
+    that the math does not need: the small product ``hs = s·x·Aᵀ`` (T, r) is computed first, then
+    ``hs·Bᵀ (+ b)`` seeds the output and the big GEMM accumulates onto it (beta=1, in cuBLAS's
+    epilogue). Backward likewise accumulates the input gradient in one GEMM, saves only ``x`` and
+    the (T, r) activation, and never copies the (T, out) gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, a, b, s):  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])
+        hs = torch.mm(x2, a.t()).mul_(s)
+        out = torch.mm(hs, b.t()) if bias is None else torch.addmm(bias, hs, b.t())
+        out.addmm_(x2, w.t())
+        ctx.save_for_backward(x, w, a, b, hs)
+        ctx.s = s
+        return out.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x, w, a, b, hs = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gh = torch.mm(g2, b).mul_(ctx.s)  # (T, r)
+        gx = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.mm(gh, a).addmm_(g2, w).view(x.shape)
+        if ctx.needs_input_grad[3]:
+            ga = torch.mm(gh.t(), x.reshape(-1, x.shape[-1]))
+        if ctx.needs_input_grad[4]:
+            gb = torch.mm(g2.t(), hs)
+        return gx, None, None, ga, gb, None

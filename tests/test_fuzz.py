@@ -146,4 +146,6 @@ def test_key_parsers_never_raise(key):
 def test_layout_keys_round_trip(module, data):
     lay = data.draw(st.sampled_from(list(LAYOUTS.values())))
     role = data.draw(st.sampled_from(list(lay.leaves)))
-    assert lay.split(lay.key(module, role)) == (module, role)
+    # a leaf two roles share (mlx names Linear and Embedding factors alike) parses as the first
+    first = next(r for r, leaf in lay.leaves.items() if leaf == lay.leaves[role])
+    assert lay.split(lay.key(module, role)) == (module, first)

@@ -456,7 +456,8 @@ class Layout:
 
 
 _LAYER_RE = re.compile(r"^(?P<pre>.*\.layers\.)(?P<i>\d+)\.(?P<rest>.+)$")
-_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# the MLP projections a consumer adapts together (split, or Phi-3's fused gate_up_proj)
+_MLP_GROUPS = (("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), ("mlp.gate_up_proj", "mlp.down_proj"))
 
 
 def fill_every_layer(adapter: Adapter, cfg: ModelConfig | None, *, layout: str) -> Adapter:
@@ -475,9 +476,10 @@ def fill_every_layer(adapter: Adapter, cfg: ModelConfig | None, *, layout: str) 
     if not by_type:
         return adapter
     for pre in {p for p, _ in by_type}:
-        if any((pre, t) in by_type for t in _MLP):
-            for t in _MLP:
-                by_type.setdefault((pre, t), set())
+        present = {t for p, t in by_type if p == pre and t.startswith("mlp.")}
+        group = next((g for g in _MLP_GROUPS if present and present <= set(g)), ())
+        for t in group:
+            by_type.setdefault((pre, t), set())
     n_layers = (cfg.raw.get("num_hidden_layers") or cfg.raw.get("n_layers")) if cfg else None
     n_layers = int(n_layers or max(i for layers in by_type.values() for i in layers) + 1)
     missing = [f"{pre}{i}.{rest}" for (pre, rest), layers in by_type.items() for i in range(n_layers)
