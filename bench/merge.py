@@ -6,21 +6,24 @@ into 2 GB safetensors shards with an index and ``config.json``, plus a rank-16 a
 adapter (fp32, as PEFT saves), both cached in ``--workdir``. The same at about half the size
 (``--layers`` // 2) shows how peak memory scales.
 
-Each measurement runs in a fresh subprocess that reports the wall time of the operation (after
-its imports) and its peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, imports included):
+Each measurement runs in a fresh subprocess that reports the wall time and CPU time (user +
+system, all threads) of the operation, after its imports, and its peak RSS (``VmHWM`` of
+``/proc/self/status``, imports included; ``ru_maxrss`` is not used: Linux carries the parent's
+high-water mark across ``execve``):
 
 - ``copy``:      ``shutil.copyfile`` of every file of the base directory (the floor: bytes in, bytes out);
 - ``lora_ckpt``: ``merge_checkpoint(base, adapter, out, progress=False)``;
 - ``peft``:      ``AutoModelForCausalLM.from_pretrained(base, dtype=bfloat16)`` + ``PeftModel.from_pretrained``
                  + ``merge_and_unload()`` + ``save_pretrained(out)``.
 
-Methods are interleaved round by round (noise hits all alike); outputs are deleted and ``sync``
-is called between runs (outside the timings); the base stays in the page cache (warm reads for
-all methods alike). Reported: medians over ``--runs``, throughput = base bytes / seconds. After
-the runs, one merged tensor of lora-ckpt's output is compared with PEFT's.
+Before each run the output is deleted, ``sync`` is called and the base is put in the page cache
+(``warm``: read once) or taken out of it (``cold``: ``posix_fadvise(DONTNEED)`` on its files only),
+all outside the timings. Methods are interleaved round by round so the machine's noise hits all
+alike. Reported: medians over ``--runs`` (peak RSS: the largest), throughput = base bytes /
+seconds. After the runs, two merged tensors of lora-ckpt's output are compared with PEFT's.
 
-    python bench/merge.py                         # 9 layers (4.45 GB) and 4 layers (2.27 GB), 3 runs
-    python bench/merge.py --layers 9 --runs 3 --workdir /tmp/lora_ckpt_bench
+    python bench/merge.py                         # 9 layers (4.45 GB) and 4 (2.27 GB), warm and cold, 3 runs
+    python bench/merge.py --layers 9 --runs 3 --cache warm --workdir /tmp/lora_ckpt_bench
 """
 
 from __future__ import annotations
@@ -183,13 +186,40 @@ def child(method: str, base: str, adapter: str, out: str) -> None:
     else:
         raise SystemExit(f"unknown method {method}")
     cpu = cpu_seconds() - c0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({"seconds": dt, "cpu": cpu, "peak_rss": rss}))
+    print(json.dumps({"seconds": dt, "cpu": cpu, "peak_rss": peak_rss()}))
 
 
-def run_child(method: str, base: Path, adapter: Path, out: Path) -> dict:
+def peak_rss() -> int:
+    """This process image's peak RSS: VmHWM (ru_maxrss would include the parent's RSS at spawn
+    time: Linux keeps the high-water mark across execve)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def evict(d: Path) -> None:
+    """Drop this directory's files from the page cache (only them: posix_fadvise DONTNEED)."""
+    for p in d.iterdir():
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(d: Path) -> None:
+    """Read this directory's files once, so they are in the page cache."""
+    for p in d.iterdir():
+        with open(p, "rb", buffering=0) as f:
+            while f.read(1 << 24):
+                pass
+
+
+def run_child(method: str, base: Path, adapter: Path, out: Path, *, cache: str = "warm") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
+    (evict if cache == "cold" else warm)(base)
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run([sys.executable, __file__, "--child", method, str(base), str(adapter), str(out)],
                           capture_output=True, text=True, env=env)
@@ -232,6 +262,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=9, help="full-size layers of the large base (9: 4.45 GB)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--cache", default="warm,cold", help="base in the page cache before each run (warm: read "
+                    "once; cold: evicted with posix_fadvise DONTNEED), or both")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if args.child:
@@ -254,27 +286,30 @@ def main() -> None:
         base = make_base(work, layers)
         adapter = make_adapter(work, layers, base)
         nbytes = dir_bytes(base)
-        times: dict[str, list[dict]] = {m: [] for m in methods}
+        caches = args.cache.split(",")
+        times: dict[tuple[str, str], list[dict]] = {(c, m): [] for c in caches for m in methods}
         for r in range(args.runs):
-            for m in methods:
-                res = run_child(m, base, adapter, work / f"out-{m}")
-                times[m].append(res)
-                print(f"  {layers}L run {r + 1} {m}: {res['seconds']:.1f} s, CPU {res['cpu']:.1f} s, "
-                      f"peak RSS {fmt_gb(res['peak_rss'])}",
-                      file=sys.stderr, flush=True)
-                if not (r == args.runs - 1 and m in ("lora_ckpt", "peft")):
-                    shutil.rmtree(work / f"out-{m}", ignore_errors=True)
+            for c in caches:
+                for m in methods:
+                    res = run_child(m, base, adapter, work / f"out-{m}", cache=c)
+                    times[(c, m)].append(res)
+                    print(f"  {layers}L run {r + 1} {c} {m}: {res['seconds']:.1f} s, CPU {res['cpu']:.1f} s, "
+                          f"peak RSS {fmt_gb(res['peak_rss'])}", file=sys.stderr, flush=True)
+                    if not (r == args.runs - 1 and m in ("lora_ckpt", "peft") and c == caches[-1]):
+                        shutil.rmtree(work / f"out-{m}", ignore_errors=True)
         check = compare_outputs(work / "out-lora_ckpt", work / "out-peft") \
             if {"lora_ckpt", "peft"} <= set(methods) else ""
         for m in methods:
             shutil.rmtree(work / f"out-{m}", ignore_errors=True)
-        row = {"layers": layers, "bytes": nbytes, "check": check}
-        for m in methods:
-            row[m] = {"seconds": statistics.median(x["seconds"] for x in times[m]),
-                      "cpu": statistics.median(x["cpu"] for x in times[m]),
-                      "peak_rss": statistics.median(x["peak_rss"] for x in times[m]),
-                      "all_seconds": [round(x["seconds"], 2) for x in times[m]]}
-        results.append(row)
+        for c in caches:
+            row = {"layers": layers, "bytes": nbytes, "cache": c, "check": check if c == caches[-1] else ""}
+            for m in methods:
+                xs = times[(c, m)]
+                row[m] = {"seconds": statistics.median(x["seconds"] for x in xs),
+                          "cpu": statistics.median(x["cpu"] for x in xs),
+                          "peak_rss": max(x["peak_rss"] for x in xs),
+                          "all_seconds": [round(x["seconds"], 2) for x in xs]}
+            results.append(row)
     report(results, imports, args)
 
 
@@ -301,23 +336,25 @@ def report(results: list[dict], imports: dict, args: argparse.Namespace) -> None
     lines = [f"date: {datetime.date.today().isoformat()}; machine: {cpu_model()}, {os.cpu_count()} cores, "
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; torch {torch.__version__};"
              f" python {platform.python_version()}",
-             f"command: python bench/merge.py --layers {args.layers} --runs {args.runs} --workdir {args.workdir}",
+             f"command: python bench/merge.py --layers {args.layers} --runs {args.runs} --cache {args.cache} "
+             f"--workdir {args.workdir}",
              f"python + torch + lora_ckpt imported, nothing done: peak RSS {fmt_gb(imports['peak_rss'])}", "",
-             "| base | method | time (median) | runs (s) | throughput | CPU time | peak RSS | vs copy | vs PEFT |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| base | page cache | method | time (median) | runs (s) | throughput | CPU time (median) | "
+             "peak RSS (max) | vs copy | vs PEFT |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results:
-        size = f"{row['layers']} layers, {fmt_gb(row['bytes'])}"
+        size = f"{row['layers']} layers, {fmt_gb(row['bytes'])} | {row['cache']}"
         for m in [m for m in METHODS if m in row]:
             r = row[m]
             thr = row["bytes"] / r["seconds"] / 1e9
-            vs_copy = f"{row['copy']['seconds'] / r['seconds']:.2f}x copy's throughput" if "copy" in row else ""
+            vs_copy = f"{row['copy']['seconds'] / r['seconds']:.2f}x" if "copy" in row else ""
             vs_peft = f"{row['peft']['seconds'] / r['seconds']:.1f}x faster" if "peft" in row and m != "peft" else ""
             lines.append(f"| {size} | {m} | {r['seconds']:.1f} s | {', '.join(map(str, r['all_seconds']))} | "
                          f"{thr:.2f} GB/s | {r['cpu']:.1f} s | {fmt_gb(r['peak_rss'])} | {vs_copy} | {vs_peft} |")
     lines.append("")
     for row in results:
         if row["check"]:
-            lines.append(f"{row['layers']} layers, lora-ckpt vs PEFT output: {row['check']}")
+            lines.append(f"{row['layers']} layers, lora-ckpt's output vs PEFT's: {row['check']}")
     text = "\n".join(lines)
     print(text)
     if args.json:
