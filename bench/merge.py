@@ -216,10 +216,11 @@ def warm(d: Path) -> None:
                 pass
 
 
-def run_child(method: str, base: Path, adapter: Path, out: Path, *, cache: str = "warm") -> dict:
+def run_child(method: str, base: Path, adapter: Path, out: Path, *, cache: str | None = "warm") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    (evict if cache == "cold" else warm)(base)
+    if cache is not None:
+        (evict if cache == "cold" else warm)(base)
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run([sys.executable, __file__, "--child", method, str(base), str(adapter), str(out)],
                           capture_output=True, text=True, env=env)
@@ -279,7 +280,7 @@ def main() -> None:
     if need > 0.8 * free:
         raise SystemExit("not enough free disk space for the benchmark; use --workdir elsewhere or fewer --layers")
     methods = args.methods.split(",")
-    imports = run_child("imports", work, work, work / "out-imports")
+    imports = run_child("imports", work, work, work / "out-imports", cache=None)
     results = []
     for layers in sizes:
         print(f"preparing {layers}-layer base ...", file=sys.stderr, flush=True)
