@@ -519,7 +519,11 @@ def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or Inf."""
     import torch
 
-    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    # a float64 sum of float32/16 values cannot overflow, so it is finite iff every value is: one
+    # read, no bool temporary; the per-element scan runs only for tensors that fail it
+    return [k for k, t in tensors.items() if t.is_floating_point() and t.numel()
+            and not bool(torch.isfinite(t.sum(dtype=torch.float64)))
+            and not bool(torch.isfinite(t).all())]
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, pickle: bool = False,
