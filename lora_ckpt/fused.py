@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from .adapter import ModuleLoRA
 from .errors import ConversionError, LayoutError, UnsupportedAdapterError, quote_list
 from .families import Family, Fused, ModelConfig
-from .files import TensorMeta
+from .index import TensorMeta
 
 if TYPE_CHECKING:
     import torch

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import quote_list
-from .files import DTYPES, VALUE_SCAN_LIMIT, PathLike, checkpoint_files, nonfinite_tensors, read_safetensors_header
+from .files import DTYPES, PathLike, checkpoint_files, read_safetensors_header
+from .index import VALUE_SCAN_LIMIT, nonfinite_tensors
 from .keys import split_key
 
 __all__ = ["AdapterReport", "CheckpointReport", "format_report", "inspect_checkpoint", "inspect_source"]

@@ -25,7 +25,8 @@ from ..errors import (
     quote_list,
 )
 from ..families import FAMILIES, Family, Fused, ModelConfig, NameMap, Scheme, is_embedding, model_config_from_dict
-from ..files import TensorMeta, load_tensors, read_json, tensor_index
+from ..files import load_tensors, read_json
+from ..index import TensorMeta, tensor_index
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 
 if TYPE_CHECKING:
