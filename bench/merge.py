@@ -335,7 +335,8 @@ def report(results: list[dict], imports: dict, args: argparse.Namespace) -> None
     import torch
 
     lines = [f"date: {datetime.date.today().isoformat()}; machine: {cpu_model()}, {os.cpu_count()} cores, "
-             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; torch {torch.__version__};"
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
+             f"torch {torch.__version__};"
              f" python {platform.python_version()}",
              f"command: python bench/merge.py --layers {args.layers} --runs {args.runs} --cache {args.cache} "
              f"--workdir {args.workdir}",

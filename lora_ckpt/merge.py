@@ -284,7 +284,8 @@ class _Planner:
         if o.lora is not None:
             self._problem("several adapter modules target one weight", key)
             return
-        if (o.src.dtype if o.src is not None else _CODE.get(o.tensor.dtype)) not in FLOAT_CODES:  # type: ignore[union-attr]
+        src_dtype = o.src.dtype if o.src is not None else _CODE.get(o.tensor.dtype)  # type: ignore[union-attr]
+        if src_dtype not in FLOAT_CODES:
             self._problem("targets are not float tensors (a quantised base? merge needs a float one)",
                           f"{key} ({o.dtype})")
             return

@@ -172,7 +172,8 @@ def test_adapter_for_another_model_is_refused_with_every_problem(tmp_path):
     from lora_ckpt.layouts import load_adapter
 
     adapter = load_adapter(FIX / "peft/llama-lora")  # an Adapter object: no base config check on reading
-    with pytest.raises(ConversionError, match=r"differ in shape.*q_proj.weight \(128, 64\) vs \(64, 64\).*and \d+ more"):
+    shapes = r"differ in shape.*q_proj.weight \(128, 64\) vs \(64, 64\).*and \d+ more"
+    with pytest.raises(ConversionError, match=shapes):
         merge_checkpoint(FIX / "hf/gemma", adapter, tmp_path / "m", progress=False)
     assert not (tmp_path / "m").exists()
 
