@@ -46,14 +46,19 @@ def big_adapter(tmp_path_factory) -> Path:
 WORKER = r"""
 import os, random, signal, sys, time, json
 import lora_ckpt.convert, lora_ckpt.layouts  # imported once; children are forked without re-importing
-src, root, trials, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+import lora_ckpt.merge
+src, root, trials, seed, job = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 
 def run(out):
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            lora_ckpt.convert.convert(src, out, to="torchtune", base_config=os.path.join(src, "config.json"))
+            if job == "convert":
+                lora_ckpt.convert.convert(src, out, to="torchtune", base_config=os.path.join(src, "config.json"))
+            else:
+                lora_ckpt.merge.merge_checkpoint(os.path.join(src, "base"), src, out, max_shard_size="8MB",
+                                                 progress=False)
             code = 0
         except BaseException:
             import traceback
@@ -77,8 +82,8 @@ print(json.dumps({"total": total}))
 
 def test_sigkill_during_convert(big_adapter, tmp_path):
     trials = 12
-    p = subprocess.run([sys.executable, "-c", WORKER, str(big_adapter), str(tmp_path), str(trials), "1234"],
-                       capture_output=True, text=True, check=True)
+    p = subprocess.run([sys.executable, "-c", WORKER, str(big_adapter), str(tmp_path), str(trials), "1234",
+                        "convert"], capture_output=True, text=True, check=True)
     assert json.loads(p.stdout)["total"] > 0 and (tmp_path / "full").is_dir(), p.stderr[-2000:]
     full = sorted(os.listdir(tmp_path / "full"))
     outcomes = {"absent": 0, "complete": 0}
@@ -93,3 +98,42 @@ def test_sigkill_during_convert(big_adapter, tmp_path):
     assert outcomes["absent"] > 0  # the kills did land mid-way
     allowed = {"full", *(f"out{t}" for t in range(trials))}
     assert all(q.name in allowed or q.name.startswith(".out") for q in tmp_path.iterdir())  # only hidden temps
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter(big_adapter) -> Path:
+    """The big adapter plus a matching random base model (sharded HF directory, ~40 MB fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = big_adapter / "base"
+    if not base.exists():
+        cfg = json.loads((big_adapter / "config.json").read_text())
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})).save_pretrained(
+            base, max_shard_size="10MB")
+    return big_adapter
+
+
+def _hashes(d: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def test_sigkill_during_merge(base_and_adapter, tmp_path):
+    trials = 10
+    p = subprocess.run([sys.executable, "-c", WORKER, str(base_and_adapter), str(tmp_path), str(trials), "99",
+                        "merge"], capture_output=True, text=True, check=True)
+    assert (tmp_path / "full").is_dir(), p.stderr[-2000:]
+    full = _hashes(tmp_path / "full")
+    assert "model.safetensors.index.json" in full and len(full) > 3
+    absent = 0
+    for trial in range(trials):
+        out = tmp_path / f"out{trial}"
+        if out.exists():
+            assert _hashes(out) == full, trial  # complete: byte-identical to an uninterrupted merge
+        else:
+            absent += 1
+    assert absent > 0
+    allowed = {"full", *(f"out{t}" for t in range(trials))}
+    assert all(q.name in allowed or q.name.startswith(".out") for q in tmp_path.iterdir())
