@@ -368,6 +368,68 @@ def _(tmp):
     return tmp / "nothing-here"
 
 
+# ------------------------------------------------------------------------- merge
+def merge_into(base: str, *extra: str) -> Callable[[Path], list[str]]:
+    def argv(adapter: Path) -> list[str]:
+        b = base.replace("{IN}", str(adapter.parent))
+        return ["merge", b, str(adapter), "-o", "{OUT}", *extra]
+    return argv
+
+
+@add
+@case("merge-base-of-another-model", E.ConfigError, "does not fit the base config",
+      merge_into(str(FIX / "hf/gemma")))
+def _(tmp):
+    return _peft_dir(tmp / "a")
+
+
+@add
+@case("merge-tied-embeddings", E.ConversionError, "--untie", merge_into(str(FIX / "hf/gemma")))
+def _(tmp):
+    d = tmp / "a"
+    shutil.copytree(FIX / "peft/gemma-lora", d)
+    from safetensors.torch import load_file
+
+    t = load_file(d / "adapter_model.safetensors")
+    t["base_model.model.lm_head.lora_A.weight"] = torch.randn(4, 64)
+    t["base_model.model.lm_head.lora_B.weight"] = torch.randn(128, 4)
+    save_file(t, d / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["target_modules"] = [*cfg["target_modules"], "lm_head"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@add
+@case("merge-truncated-base-shard", E.CheckpointFormatError, "truncated", merge_into("{IN}/base"))
+def _(tmp):
+    (tmp / "base").mkdir()
+    shutil.copy(FIX / "hf/llama/config.json", tmp / "base")
+    data = (FIX / "hf/llama/model.safetensors").read_bytes()
+    (tmp / "base/model.safetensors").write_bytes(data[: len(data) - 1000])
+    return _peft_dir(tmp / "a")
+
+
+@add
+@case("merge-missing-base", E.CheckpointNotFoundError, "no such file", merge_into("{IN}/nothing"))
+def _(tmp):
+    return _peft_dir(tmp / "a")
+
+
+@add
+@case("merge-bad-shard-size", E.UsageError, "is not a size", merge_into(str(FIX / "hf/llama"), "--max-shard-size", "12XB"))
+def _(tmp):
+    return _peft_dir(tmp / "a")
+
+
+@add
+@case("merge-output-exists", E.OutputExistsError, "pass --force", merge_into(str(FIX / "hf/llama")))
+def _(tmp):
+    (tmp.parent / "out").mkdir()
+    (tmp.parent / "out" / "model.safetensors").write_text("an older merge")
+    return _peft_dir(tmp / "a")
+
+
 def _hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
