@@ -13,7 +13,7 @@ Variants, each in a fresh subprocess (peak RSS = ``ru_maxrss`` of that child, im
 before the clock starts; the child's ``ru_maxrss`` after imports is reported as ``base RSS``):
 
 - ``copy``            ``shutil.copyfile`` of ``adapter_model.safetensors``: the floor;
-- ``peft2tt``         ``lora_ckpt.convert(peft_dir, out, to="torchtune", base_config=...)`` (verified);
+- ``peft2tt``         ``lora_ckpt.conversion(peft_dir, out, to="torchtune", base_config=...)`` (verified);
 - ``peft2tt_nov``     the same with ``verify_output=False``;
 - ``tt2peft``         ``convert(tt_dir, out, to="peft", ...)`` back (verified), ``tt_dir`` = peft2tt's output;
 - ``tt2peft_nov``     the same with ``verify_output=False``;
@@ -215,7 +215,7 @@ def child(variant: str, src: Path, out: Path, base_config: Path, trace: bool) ->
     from safetensors.torch import save_file
 
     import lora_ckpt.layouts  # noqa: F401
-    from lora_ckpt.convert import convert
+    from lora_ckpt.conversion import convert
 
     if variant == "peer":
         from torchtune.models.convert_weights import tune_to_peft_adapter_weights
@@ -274,12 +274,12 @@ def _apply_experiment() -> None:
     """Candidate fixes, measured here only (not part of the library): the NaN/Inf scan
     (``lora_ckpt.layouts.base.nonfinite``) through ``torch.aminmax`` (exact: NaN propagates, +-Inf
     shows as the max/min; no temporary, no float64 conversion), and the bitwise comparison
-    (``lora_ckpt.convert._bitwise_equal``) through numpy's ``array_equal`` on 8-byte words (single
+    (``lora_ckpt.conversion._bitwise_equal``) through numpy's ``array_equal`` on 8-byte words (single
     threaded) instead of ``torch.equal`` on uint8 views."""
     import numpy as np
     import torch
 
-    import lora_ckpt.convert as cv
+    import lora_ckpt.conversion as cv
     import lora_ckpt.layouts.base as base
 
     def finite(t: torch.Tensor) -> bool:
@@ -315,7 +315,7 @@ class _Tracer:
         import torch
         from safetensors import torch as st
 
-        import lora_ckpt.convert as cv
+        import lora_ckpt.conversion as cv
         import lora_ckpt.files as files
         import lora_ckpt.layouts.base as base
 

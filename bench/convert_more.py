@@ -8,7 +8,7 @@ Variants, each in a fresh subprocess (imports done before the clock; peak RSS = 
 ``ru_maxrss``), interleaved over ``--repeats`` rounds, medians reported:
 
 - ``copy``         ``shutil.copyfile`` of ``adapter_model.safetensors``: the floor;
-- ``peft2mlx``     ``lora_ckpt.convert(peft, out, to="mlx")``: transpose factors, write, read back, verify;
+- ``peft2mlx``     ``lora_ckpt.conversion(peft, out, to="mlx")``: transpose factors, write, read back, verify;
 - ``mlx2peft``     back from that mlx output;
 - ``peft2litgpt``  ``to="litgpt"``: fuse q/k/v into LitGPT's grouped ``attn.qkv``, torch.save, verify;
 - ``litgpt2peft``  back from that LitGPT output (split ``attn.qkv``).
@@ -67,7 +67,7 @@ def make_input(work: Path, layers: int) -> None:
 
 def child(variant: str, work: Path) -> dict:
     """Run one variant in this process; the clock starts after the imports."""
-    import lora_ckpt.convert as conv  # noqa: F401 - imported before the clock
+    import lora_ckpt.conversion as conv  # noqa: F401 - imported before the clock
 
     src = {"copy": "peft", "peft2mlx": "peft", "mlx2peft": "mlx", "peft2litgpt": "peft", "litgpt2peft": "litgpt"}[variant]
     to = {"peft2mlx": "mlx", "mlx2peft": "peft", "peft2litgpt": "litgpt", "litgpt2peft": "peft"}.get(variant)

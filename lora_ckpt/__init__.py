@@ -11,34 +11,39 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
+_EXPORTS = {  # public name -> submodule (None: the submodule itself)
     "Adapter": "adapter",
     "LoRALinear": "layer",
     "LoadResult": "checkpoint",
+    "MergeResult": "merge",
     "adapter_state_dict": "inject",
-    "convert": "convert",
-    "load_adapter": "layouts",
-    "save_adapter": "layouts",
-    "verify": "convert",
+    "check_source": "check",
+    "convert": "conversion",
     "errors": None,
+    "hub": None,
     "inject_lora": "inject",
     "inspect_checkpoint": "report",
+    "inspect_source": "report",
+    "load_adapter": "layouts",
     "load_checkpoint": "checkpoint",
+    "merge_checkpoint": "merge",
     "read_checkpoint": "checkpoint",
+    "save_adapter": "layouts",
     "stock_state_dict": "inject",
+    "verify": "conversion",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import errors
+    from . import errors, hub
     from .adapter import Adapter
-    from .convert import convert, verify
+    from .conversion import convert, verify
     from .layouts import load_adapter, save_adapter
     from .checkpoint import LoadResult, load_checkpoint, read_checkpoint
     from .inject import adapter_state_dict, inject_lora, stock_state_dict
     from .layer import LoRALinear
-    from .report import inspect_checkpoint
+    from .report import inspect_checkpoint, inspect_source
 
 
 def __getattr__(name: str) -> Any:

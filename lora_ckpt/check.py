@@ -361,7 +361,7 @@ def _mlx(adapter: Adapter, add: Any, source: str) -> None:
 def _torchtune_export(adapter: Adapter, export: Path, *, target: str, source: str) -> CheckReport:
     """A torchtune epoch dir holds torchtune's own PEFT export: that file is what PEFT-format consumers
     read, so check it, and whether it says what adapter_model.pt says (torchtune 0.6.1 bugs B1-B3)."""
-    from .convert import compare_adapters
+    from .conversion import compare_adapters
     from .layouts import load_adapter
 
     from .layouts import detect_layout

@@ -75,7 +75,7 @@ def _dtype(name: str | None):  # noqa: ANN202 - torch is imported lazily
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .conversion import convert
 
     res = convert(_source(args, args.src), args.output, to=args.to, from_=args.from_,
                   base_config=_base_config(args), alpha=args.alpha, dtype=_dtype(args.dtype), force=args.force,
@@ -89,7 +89,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .convert import verify
+    from .conversion import verify
 
     rep = verify(_source(args, args.a), _source(args, args.b), base_config=_base_config(args), alpha=args.alpha,
                  tolerance=args.tolerance)

@@ -445,7 +445,7 @@ def push(src: PathLike, repo: str, *, to: str = "peft", private: bool = False, b
     """
     from huggingface_hub import HfApi
 
-    from .convert import convert
+    from .conversion import convert
     from .layouts import detect_layout, get_layout, load_adapter
     from .layouts.peft import write_peft_config
 

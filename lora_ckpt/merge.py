@@ -52,6 +52,7 @@ import torch
 
 from .adapter import Adapter, ModuleLoRA
 from .errors import CheckpointFormatError, ConversionError, MissingConfigError, UsageError, quote_list
+from .conversion import one_thread
 from .families import ModelConfig, load_model_config, model_config_from_dict
 from .files import DTYPES, PathLike, TensorInfo, atomic_output, checkpoint_files, read_json, read_safetensors_header
 from .rope import rotate_half_to_interleaved
@@ -685,7 +686,7 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
     with atomic_output(out, force=force, inputs=inputs) as tmp:
         tmp.mkdir()
         with ExitStack() as stack:
-            stack.enter_context(_one_thread())
+            stack.enter_context(one_thread())
             bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                                            desc="merge", disable=not progress, leave=False))
             streamer = _Streamer(bar)
@@ -706,18 +707,6 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
                       names, time.perf_counter() - t0, list(ad.meta.notes))
     logger.info("%s", res.summary())
     return res
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Torch intra-op threads off for the duration: the block ops are memory-bound and small, so
-    threads only add synchronisation, which costs 5-10x on a loaded machine (bench/RESULTS.md)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _file_names(n: int, to: Target) -> list[str]:

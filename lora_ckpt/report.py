@@ -239,7 +239,7 @@ def _prefix_warnings(adapter: Any) -> list[str]:
 
 def _torchtune_export_check(root: Path, cfg: Any) -> list[str]:
     """torchtune writes a PEFT-keyed copy beside adapter_model.pt; 0.6.1's is wrong for DoRA and Qwen."""
-    from .convert import compare_adapters
+    from .conversion import compare_adapters
     from .errors import LoraCkptError
     from .layouts import load_adapter
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_ckpt.check import check_adapter, check_source
 from lora_ckpt.cli import main
-from lora_ckpt.convert import compare_adapters, convert
+from lora_ckpt.conversion import compare_adapters, convert
 from lora_ckpt.errors import UsageError
 from lora_ckpt.layouts import load_adapter
 

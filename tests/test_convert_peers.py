@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peers as P
-from lora_ckpt.convert import convert, verify
+from lora_ckpt.conversion import convert, verify
 from lora_ckpt.rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # peers' deprecation chatter; key warnings are captured

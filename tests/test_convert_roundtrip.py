@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peers as P
-from lora_ckpt.convert import compare_adapters, convert, verify
+from lora_ckpt.conversion import compare_adapters, convert, verify
 from lora_ckpt.errors import (
     AmbiguousLayoutError,
     ConfigError,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_ckpt.convert import verify
+from lora_ckpt.conversion import verify
 
 LAYERS, HIDDEN, INTER, R = 6, 512, 1408, 64
 
@@ -45,7 +45,7 @@ def big_adapter(tmp_path_factory) -> Path:
 
 WORKER = r"""
 import os, random, signal, sys, time, json
-import lora_ckpt.convert, lora_ckpt.layouts  # imported once; children are forked without re-importing
+import lora_ckpt.conversion, lora_ckpt.layouts  # imported once; children are forked without re-importing
 import lora_ckpt.merge
 src, root, trials, seed, job = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 
@@ -55,7 +55,7 @@ def run(out):
         code = 1
         try:
             if job == "convert":
-                lora_ckpt.convert.convert(src, out, to="torchtune", base_config=os.path.join(src, "config.json"))
+                lora_ckpt.conversion.convert(src, out, to="torchtune", base_config=os.path.join(src, "config.json"))
             else:
                 lora_ckpt.merge.merge_checkpoint(os.path.join(src, "base"), src, out, max_shard_size="8MB",
                                                  progress=False)

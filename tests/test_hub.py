@@ -17,7 +17,7 @@ from huggingface_hub import constants
 
 from lora_ckpt import hub as lhub
 from lora_ckpt.cli import main
-from lora_ckpt.convert import verify
+from lora_ckpt.conversion import verify
 from lora_ckpt.errors import (
     EntryNotFoundError,
     HubError,

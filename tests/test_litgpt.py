@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_ckpt.convert import compare_adapters, convert
+from lora_ckpt.conversion import compare_adapters, convert
 from lora_ckpt.errors import LayoutError, MissingConfigError
 from lora_ckpt.layouts import load_adapter, save_adapter
 from lora_ckpt.layouts.litgpt import read_yaml_scalars

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_ckpt.convert import convert
+from lora_ckpt.conversion import convert
 from lora_ckpt.errors import ConfigError, ConversionError, UnsupportedAdapterError
 from lora_ckpt.layouts import load_adapter
 from lora_ckpt.layouts.mlx import placement

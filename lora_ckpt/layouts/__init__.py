@@ -99,7 +99,8 @@ def _model_config(base_config: PathLike | ModelConfig | None) -> ModelConfig | N
 
 
 def load_adapter(source: PathLike, *, layout: str | None = None,
-                 base_config: PathLike | ModelConfig | None = None, alpha: float | None = None) -> Adapter:
+                 base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
+                 scan_values: bool = True) -> Adapter:
     """Read an adapter in any supported layout into the canonical :class:`~lora_ckpt.adapter.Adapter`.
 
     Args:
@@ -107,21 +108,23 @@ def load_adapter(source: PathLike, *, layout: str | None = None,
         layout: force a layout instead of detecting it.
         base_config: the base model's ``config.json`` / ``params.json`` (for head counts and family).
         alpha: the alpha for layouts that do not record it (loralib) or to override one.
+        scan_values: note tensors holding NaN/Inf (one extra read of the data).
 
     Example:
         >>> adapter = load_adapter("epoch_0/", base_config="llama/config.json")
     """
     det = detect_layout(source, layout=layout)
     logger.debug("%s: %s layout (%s)", source, det.layout.name, det.reason)
-    return read_detected(det, base_config=base_config, alpha=alpha)
+    return read_detected(det, base_config=base_config, alpha=alpha, scan_values=scan_values)
 
 
 def read_detected(det: Detection, *, base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
-                  use_hub: bool = True) -> Adapter:
+                  use_hub: bool = True, scan_values: bool = True) -> Adapter:
     """Read a detected source (``det.source.shapes_only`` reads shapes only); find the base model's
     config from ``base_model_name_or_path`` when none was given (a local folder, or with ``use_hub``
     the Hub)."""
-    adapter = det.layout.read(det.source, ReadOptions(base_config=_model_config(base_config), alpha=alpha))
+    adapter = det.layout.read(det.source, ReadOptions(base_config=_model_config(base_config), alpha=alpha,
+                                                      scan_values=scan_values))
     base = adapter.meta.base_model
     if adapter.meta.model_config is None and base:
         cfg, how = None, None

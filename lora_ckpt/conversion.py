@@ -9,8 +9,10 @@ materialising ΔW).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,10 +66,16 @@ class VerifyReport:
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes (NaN payloads included)."""
+    """Same dtype, shape and bytes (NaN payloads included), compared in 8-byte words when the
+    sizes allow; the same memory is equal without a look."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    a, b = a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
+    if a.numel() % 8 == 0 and a.data_ptr() % 8 == 0 and b.data_ptr() % 8 == 0:
+        a, b = a.view(torch.int64), b.view(torch.int64)
+    return torch.equal(a, b)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -146,8 +154,22 @@ def compare_adapters(a: Adapter, b: Adapter, *, tolerance: float | None = None) 
 def verify(a: PathLike, b: PathLike, *, base_config: PathLike | ModelConfig | None = None,
            alpha: float | None = None, tolerance: float | None = None) -> VerifyReport:
     """Compare two adapters in any layouts (see :func:`compare_adapters`)."""
-    return compare_adapters(load_adapter(a, base_config=base_config, alpha=alpha),
-                            load_adapter(b, base_config=base_config, alpha=alpha), tolerance=tolerance)
+    with one_thread():
+        return compare_adapters(load_adapter(a, base_config=base_config, alpha=alpha),
+                                load_adapter(b, base_config=base_config, alpha=alpha), tolerance=tolerance)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch intra-op threads off for the duration: conversions run hundreds of small, memory-bound
+    ops, and a second thread only adds synchronisation (3-5x slower on a loaded machine;
+    bench/RESULTS.md)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @dataclass
@@ -188,12 +210,23 @@ def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = Non
     """
     from .errors import VerificationError
 
+    with one_thread():
+        return _convert(source, out, to=to, from_=from_, base_config=base_config, alpha=alpha, dtype=dtype,
+                        force=force, allow_lossy=allow_lossy, verify_output=verify_output)
+
+
+def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, base_config: PathLike | ModelConfig | None,
+             alpha: float | None, dtype: torch.dtype | None, force: bool, allow_lossy: bool,
+             verify_output: bool) -> ConvertResult:
+    from .errors import VerificationError
+
     det = detect_layout(source, layout=from_)
     adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha)
     reports: list[VerifyReport] = []
 
     def check(tmp: Path, written: Adapter) -> None:
-        back = load_adapter(tmp, layout=to, base_config=base_config or written.meta.model_config)
+        # no NaN/Inf scan of the read-back: the bitwise comparison with the scanned source covers it
+        back = load_adapter(tmp, layout=to, base_config=base_config or written.meta.model_config, scan_values=False)
         report = compare_adapters(written, back)
         expected = get_layout(to).drop_unsupported(adapter, allow_lossy=True)  # what was meant to be written
         kept = Adapter({n: m for n, m in written.modules.items() if n in expected.modules}, written.extra)
