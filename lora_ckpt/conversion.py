@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 from .adapter import Adapter, ModuleLoRA
 from .errors import quote_list
 from .families import ModelConfig
-from .files import PathLike
+from .files import PathLike, release_file_pages
 from .layouts import detect_layout, get_layout, load_adapter, save_adapter
 
 __all__ = ["ConvertResult", "VerifyReport", "compare_adapters", "convert", "verify"]
@@ -115,8 +115,10 @@ def _tolerance(a: Adapter, b: Adapter) -> float:
     return 1e-2 if dtypes & low else 1e-5
 
 
-def compare_adapters(a: Adapter, b: Adapter, *, tolerance: float | None = None) -> VerifyReport:
-    """Compare the effective updates of two canonical adapters, module by module."""
+def compare_adapters(a: Adapter, b: Adapter, *, tolerance: float | None = None,
+                     after_module: Callable[[ModuleLoRA, ModuleLoRA], None] | None = None) -> VerifyReport:
+    """Compare the effective updates of two canonical adapters, module by module
+    (``after_module(a_module, b_module)`` runs after each: ``convert`` releases pages there)."""
     rep = VerifyReport(tolerance=tolerance if tolerance is not None else _tolerance(a, b))
     # a module whose update is exactly zero computes the same as no module (placement fillers)
     rep.only_a = sorted(n for n in set(a.modules) - set(b.modules) if not _noop(a.modules[n]))
@@ -141,6 +143,8 @@ def compare_adapters(a: Adapter, b: Adapter, *, tolerance: float | None = None) 
             rep.problems.append(f"{name}: NaN/Inf values that are not bit-identical")
             rel = math.inf
         rep.modules[name] = rel
+        if after_module is not None:
+            after_module(ma, mb)
         if rep.worst_module is None or rel > rep.worst:
             rep.worst, rep.worst_module = rel, name
     for key in sorted(set(a.extra) | set(b.extra)):
@@ -224,13 +228,18 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
     adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha)
     reports: list[VerifyReport] = []
 
+    def release(*mods: ModuleLoRA) -> None:  # memory-mapped pages leave RSS as soon as a module is done
+        release_file_pages(t for m in mods for t in (m.A, m.B, m.magnitude, m.bias))
+
     def check(tmp: Path, written: Adapter) -> None:
+        release(*adapter.modules.values())  # the write touched every source page
         # no NaN/Inf scan of the read-back: the bitwise comparison with the scanned source covers it
         back = load_adapter(tmp, layout=to, base_config=base_config or written.meta.model_config, scan_values=False)
-        report = compare_adapters(written, back)
+        report = compare_adapters(written, back, after_module=release)
         expected = get_layout(to).drop_unsupported(adapter, allow_lossy=True)  # what was meant to be written
         kept = Adapter({n: m for n, m in written.modules.items() if n in expected.modules}, written.extra)
-        fold = compare_adapters(Adapter({n: expected.modules[n] for n in kept.modules}, written.extra), kept)
+        fold = compare_adapters(Adapter({n: expected.modules[n] for n in kept.modules}, written.extra), kept,
+                                after_module=release)
         fold.problems += [f"{n}: written but not in the source, and not zero" for n, m in written.modules.items()
                           if n not in expected.modules and not _noop(m)]
         report.worst = max(report.worst, fold.worst)

@@ -17,7 +17,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -391,3 +391,43 @@ def read_json(path: PathLike, *, what: str = "JSON file") -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ConfigError(f"{path}: {what} holds a JSON {type(obj).__name__}, expected an object", path=path)
     return obj
+
+
+# ----------------------------------------------------------------------- page release
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+def release_file_pages(tensors: Iterable[Any]) -> None:
+    """Drop this process's resident pages of memory-mapped (file-backed) tensors: they leave the
+    process's RSS, stay in the page cache, and are re-read from it if touched again. Tensors in
+    anonymous memory are never touched. Only for tensors that were never written to (a private
+    mapping's modified pages would be lost). Linux only; elsewhere a no-op."""
+    import bisect
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[4] != "0":  # inode != 0: backed by a file
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((lo, hi))
+    spans.sort()
+    starts = [lo for lo, _ in spans]
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for t in tensors:
+        if t is None or not t.numel():
+            continue
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        i = bisect.bisect_right(starts, start) - 1
+        if i < 0 or end > spans[i][1]:
+            continue  # not (entirely) inside one file mapping
+        a, b = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the tensor only
+        if b > a:
+            madvise(a, b - a, _MADV_DONTNEED)
