@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .adapter import Adapter, ModuleLoRA
-from .errors import quote_list
+from .errors import VerificationError, quote_list
 from .families import ModelConfig
 from .files import PathLike, release_file_pages
 from .layouts import detect_layout, get_layout, load_adapter, save_adapter
@@ -212,8 +212,6 @@ def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = Non
     Example:
         >>> convert("peft_dir", "tt_dir", to="torchtune", base_config="llama/config.json")
     """
-    from .errors import VerificationError
-
     with one_thread():
         return _convert(source, out, to=to, from_=from_, base_config=base_config, alpha=alpha, dtype=dtype,
                         force=force, allow_lossy=allow_lossy, verify_output=verify_output)
@@ -222,8 +220,6 @@ def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = Non
 def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, base_config: PathLike | ModelConfig | None,
              alpha: float | None, dtype: torch.dtype | None, force: bool, allow_lossy: bool,
              verify_output: bool) -> ConvertResult:
-    from .errors import VerificationError
-
     det = detect_layout(source, layout=from_)
     adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha)
     reports: list[VerifyReport] = []

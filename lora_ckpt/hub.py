@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,6 @@ from .card import describe_source, model_card
 from .files import PathLike, atomic_output, read_json
 
 if TYPE_CHECKING:
-    from .adapter import Adapter
     from .families import ModelConfig
 
 __all__ = ["HubSource", "fetch_model_config", "parse_hf_url", "pull", "push", "resolve_source"]

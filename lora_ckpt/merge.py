@@ -30,7 +30,6 @@ config, licence; not ``README.md``, which describes the base).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -42,7 +41,6 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path

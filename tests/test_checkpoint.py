@@ -1,12 +1,10 @@
 """Stock checkpoints into LoRA-injected real models: transformers Llama (GQA) and a Meta-style module."""
 
-import json
 import zipfile
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from lora_ckpt import (
     LoRALinear,

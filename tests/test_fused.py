@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_ckpt.adapter import ModuleLoRA
-from lora_ckpt.conversion import compare_adapters, convert
+from lora_ckpt.conversion import convert
 from lora_ckpt.errors import UnsupportedAdapterError
 from lora_ckpt.families import FAMILIES, Fused, NameMap
 from lora_ckpt.fused import fuse, group, split, ungroup

@@ -138,3 +138,23 @@ def test_warns_when_module_prefix_does_not_match_the_base_class(tmp_path):
     assert rep.family == "llama"
     rep = inspect_source(src, base_config=FIX / "hf/llama/config.json")
     assert not any("skip them silently" in w for w in rep.warnings)
+
+
+def test_convert_refuses_output_its_reader_does_not_reproduce(tmp_path, monkeypatch):
+    """A writer/reader disagreement (simulated: the PEFT reader doubles every B) is caught by the
+    read-back before the rename: VerificationError, and no output."""
+    from lora_ckpt.conversion import convert
+    from lora_ckpt.errors import VerificationError
+    from lora_ckpt.layouts.peft import PeftLayout
+
+    original = PeftLayout.read_meta
+
+    def skewed(self, src, adapter, opts):
+        original(self, src, adapter, opts)
+        for m in adapter.modules.values():
+            m.B = m.B * 2
+
+    monkeypatch.setattr(PeftLayout, "read_meta", skewed)
+    with pytest.raises(VerificationError, match="does not reproduce the source"):
+        convert(FIX / "torchtune/llama-lora/epoch_0", tmp_path / "out", to="peft")
+    assert list(tmp_path.iterdir()) == []

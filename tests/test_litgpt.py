@@ -10,7 +10,6 @@ output into the real ``litgpt.lora.GPT`` with ``strict=True``.
 """
 
 import copy
-import json
 import os
 from pathlib import Path
 

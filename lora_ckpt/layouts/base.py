@@ -114,6 +114,7 @@ class Layout:
     # The consumer puts LoRA on a projection type in every layer, and on all MLP projections or none
     # (torchtune): writing fills the rest with zero factors (a no-op), reading drops all-zero modules.
     every_layer: ClassVar[bool] = False
+    container_key: ClassVar[str | None] = None  # weights saved as {container_key: tensors} (LitGPT)
     # how a fused module's LoRA is stored (lora_ckpt.fused): one shared A ("plain") or one A per part ("grouped")
     fused_lora: ClassVar[Literal["plain", "grouped"]] = "plain"
     legacy_names: ClassVar[dict[str, str]] = {}  # module template now -> older template accepted on read
@@ -452,6 +453,8 @@ class Layout:
         model_cfg = opts.base_config or adapter.meta.model_config
         tensors = self.tensors_for(adapter, model_cfg)
         out.mkdir(parents=True, exist_ok=True)
+        if self.container_key:
+            tensors = {self.container_key: tensors}  # type: ignore[dict-item]
         save_tensors(tensors, out / self.weight_files[0], pickle=self.pickle)
         self.write_config(adapter, out, replace(opts, base_config=model_cfg))
         return adapter

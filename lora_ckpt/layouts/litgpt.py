@@ -41,7 +41,7 @@ from typing import Any
 from ..adapter import Adapter, alpha_for
 from ..errors import ConfigError, MissingConfigError
 from ..families import Fused, ModelConfig, model_config_from_dict
-from .base import Layout, ReadOptions, Source, WriteOptions, save_tensors
+from .base import Layout, ReadOptions, Source, WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class LitgptLayout(Layout):
     one_scale = True
     pickle = True
     fused_lora = "grouped"
+    every_layer = True  # LitGPT's lora_query/.../lora_mlp flags adapt every block, and merge_lora loads strictly
+    container_key = "model"  # as LitGPT's save_lora_checkpoint: torch.save({"model": lora tensors})
     legacy_names = {"transformer.h.{}.attn.qkv": "transformer.h.{}.attn.attn"}
 
     def locate(self, path: Path) -> Source | None:
@@ -142,17 +144,6 @@ class LitgptLayout(Layout):
         return tuple(bool(hp[f]) for f in flags)
 
     # ------------------------------------------------------------------ reading
-    def read(self, src: Source, opts: ReadOptions) -> Adapter:
-        adapter = super().read(src, opts)
-        if not src.shapes_only:
-            zero = [n for n, m in adapter.modules.items() if not m.A.any() and not m.B.any()]
-            if zero and len(zero) < len(adapter.modules):
-                for n in zero:
-                    del adapter.modules[n]
-                adapter.meta.notes.append(f"{len(zero)} all-zero module(s) read as absent (LitGPT flags create a "
-                                          "LoRA on every block; zeros are a no-op)")
-        return adapter
-
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
         hp = src.config or {}
         ranks = {m.B.shape[1] for m in adapter.modules.values()}  # B's columns: also right for the grouped qkv
@@ -181,21 +172,6 @@ class LitgptLayout(Layout):
             adapter = replace(adapter, modules={n: m.rescaled(new) for n, m in adapter.modules.items()})
         return adapter
 
-    def tensors_for(self, adapter: Adapter, model_cfg: ModelConfig | None) -> dict[str, Any]:
-        out = super().tensors_for(adapter, model_cfg)
-        _zero_fill(out, adapter, model_cfg)
-        return out
-
-    def write(self, adapter: Adapter, out: Path, opts: WriteOptions) -> Adapter:
-        """As LitGPT's ``save_lora_checkpoint``: ``torch.save({"model": lora tensors})``."""
-        adapter = self.prepare(adapter, opts)
-        model_cfg = opts.base_config or adapter.meta.model_config
-        tensors = self.tensors_for(adapter, model_cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        save_tensors({"model": tensors}, out / self.weight_files[0], pickle=True)  # type: ignore[dict-item]
-        self.write_config(adapter, out, replace(opts, base_config=model_cfg))
-        return adapter
-
     def write_config(self, adapter: Adapter, out: Path, opts: WriteOptions) -> None:
         r = next(iter(adapter.ranks()), 0)
         lines = ["# LoRA hyperparameters written by lora-ckpt (the keys LitGPT's finetune_lora writes)",
@@ -205,40 +181,3 @@ class LitgptLayout(Layout):
         if adapter.meta.base_model:
             lines.append(f"checkpoint_dir: {adapter.meta.base_model}")
         (out / HPARAMS).write_text("\n".join(lines) + "\n")
-
-
-def _zero_fill(out: dict[str, Any], adapter: Adapter, cfg: ModelConfig | None) -> None:
-    """Zeros for every (block, module) a LitGPT flag covers that the adapter lacks."""
-    import torch
-
-    by_rest: dict[str, dict[int, tuple[Any, Any]]] = {}
-    for key in out:
-        m = _LAYER.match(key.rsplit(".", 1)[0])
-        if m and key.endswith(".lora_A"):
-            base = key[: -len(".lora_A")]
-            by_rest.setdefault(m["rest"], {})[int(m["i"])] = (out[key], out[base + ".lora_B"])
-    if not by_rest:
-        return
-    n_layers = (cfg.n_layers if cfg else None) or max(i for d in by_rest.values() for i in d) + 1
-    r = next(iter(adapter.ranks()))
-    mlp = ("mlp.fc_1", "mlp.fc_2", "mlp.proj")
-    if any(k in by_rest for k in mlp):
-        for k in mlp:
-            if k not in by_rest:
-                by_rest[k] = {}
-    for rest, present in by_rest.items():
-        if present:
-            A, B = next(iter(present.values()))
-            a_shape, b_shape, dtype = tuple(A.shape), tuple(B.shape), A.dtype
-        else:  # an MLP projection no block has: its shape from the config
-            inter = cfg.raw.get("intermediate_size") if cfg else None
-            if cfg is None or not inter:
-                raise MissingConfigError(f"LitGPT's lora_mlp adapts fc_1, fc_2 and proj together; writing zeros for "
-                                         f"{rest!r} needs intermediate_size; pass --base-config")
-            a_in, b_out = (cfg.hidden_size, inter) if rest != "mlp.proj" else (inter, cfg.hidden_size)
-            a_shape, b_shape, dtype = (r, a_in), (b_out, r), next(iter(out.values())).dtype
-        for i in range(n_layers):
-            if i not in present:
-                out[f"transformer.h.{i}.{rest}.lora_A"] = torch.zeros(a_shape, dtype=dtype)
-                out[f"transformer.h.{i}.{rest}.lora_B"] = torch.zeros(b_shape, dtype=dtype)
-
