@@ -20,7 +20,7 @@ reported number is the median over all timed steps.
 
     python bench/forward.py --device cpu --dtype fp32,bf16      # CPU, tokens scaled down 64x
     python bench/forward.py --device cuda --dtype bf16          # full shapes
-    python bench/forward.py --device cuda --shapes 0 --profile --variants lora_ckpt,exp_epilogue
+    python bench/forward.py --device cuda --shapes 0 --profile --variants lora_ckpt,exp_function
 
 Shapes are (tokens T, in -> out, rank r): (8192, 4096->4096, 16), (8192, 4096->14336, 16),
 (16384, 8192->8192, 64). ``--token-scale N`` divides T by N (default 64 on CPU, 1 on CUDA); the
@@ -51,7 +51,7 @@ SHAPES = [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (16384, 8192, 8192, 6
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ["frozen", "lora_ckpt", "peft", "peft_same"]
 #: candidate rewrites of LoRALinear.forward, measured here only (not part of the library)
-EXPERIMENTS = ["exp_inplace2d", "exp_addmm", "exp_function", "exp_epilogue"]
+EXPERIMENTS = ["exp_inplace2d", "exp_addmm", "exp_function"]  # exp_epilogue became LoRALinear's fast path
 
 
 class _Inplace2D(nn.Module):
@@ -121,36 +121,6 @@ class _LoRAFunction(torch.autograd.Function):
         return gx, None, ga, gb, None
 
 
-class _LoRAEpilogue(torch.autograd.Function):
-    """Candidate fix 3: as fix 2, but the small adapter product is computed first and the big
-    GEMM accumulates onto it (``addmm_`` with beta=1, so the add rides in the GEMM's epilogue
-    instead of a separate read-modify-write pass over the (T, out) output); likewise for the
-    input gradient. The scale is folded into the (T, r) activation."""
-
-    @staticmethod
-    def forward(ctx, x, w, a, b, s):  # type: ignore[override]
-        x2 = x.reshape(-1, x.shape[-1])
-        hs = torch.mm(x2, a.t()).mul_(s)
-        out = torch.mm(hs, b.t()).addmm_(x2, w.t())
-        ctx.save_for_backward(x, w, a, b, hs)
-        ctx.s = s
-        return out.view(*x.shape[:-1], w.shape[0])
-
-    @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
-        x, w, a, b, hs = ctx.saved_tensors
-        g2 = gy.reshape(-1, gy.shape[-1])
-        gh = torch.mm(g2, b).mul_(ctx.s)  # (T, r)
-        gx = ga = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.mm(gh, a).addmm_(g2, w).view(x.shape)
-        if ctx.needs_input_grad[2]:
-            ga = torch.mm(gh.t(), x.reshape(-1, x.shape[-1]))
-        if ctx.needs_input_grad[3]:
-            gb = torch.mm(g2.t(), hs)
-        return gx, None, ga, gb, None
-
-
 class _Function(nn.Module):
     def __init__(self, lora: LoRALinear, fn: type[torch.autograd.Function]) -> None:
         super().__init__()
@@ -197,8 +167,7 @@ def build_layers(in_f: int, out_f: int, r: int, dtype: torch.dtype, device: str,
             ours.lora_A.weight.copy_(a)
             ours.lora_B.weight.copy_(b)
         layers[name] = {"lora_ckpt": ours, "exp_inplace2d": _Inplace2D(ours),
-                        "exp_addmm": _Addmm(ours), "exp_function": _Function(ours, _LoRAFunction),
-                        "exp_epilogue": _Function(ours, _LoRAEpilogue)}[name]
+                        "exp_addmm": _Addmm(ours), "exp_function": _Function(ours, _LoRAFunction)}[name]
     for name, autocast in (("peft", True), ("peft_same", False)):
         if name not in variants:
             continue
