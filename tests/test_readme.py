@@ -12,3 +12,18 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert block[1] in ci.splitlines()
     assert "lora-ckpt demo" in block[0]
+
+
+def test_wheel_ships_every_subpackage(tmp_path):
+    """A non-editable install must contain lora_ckpt.layouts and py.typed (a `packages = [...]`
+    list that forgets a subpackage only shows up outside an editable install)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    shipped = {n for n in names if n.startswith("lora_ckpt/") and n.endswith(".py")}
+    expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "lora_ckpt").rglob("*.py")}
+    assert shipped == expected and "lora_ckpt/py.typed" in names
