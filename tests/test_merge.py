@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import lora_ckpt.merge as merge_mod
+import lora_ckpt.stream as stream_mod
 from lora_ckpt.cli import main
 from lora_ckpt.errors import ConversionError, OutputExistsError, OutputPathError, UsageError
 from lora_ckpt.files import read_safetensors_header
@@ -132,7 +132,7 @@ def test_small_row_blocks_agree(tmp_path, monkeypatch):
     (a block's matmul may round its last bit differently)."""
     for ad in ("llama-dora", "llama-embedding"):
         merge_checkpoint(FIX / "hf/llama", FIX / "peft" / ad, tmp_path / f"{ad}-big", progress=False)
-    monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 100)
+    monkeypatch.setattr(stream_mod, "BLOCK_ELEMENTS", 100)
     for ad in ("llama-dora", "llama-embedding"):
         merge_checkpoint(FIX / "hf/llama", FIX / "peft" / ad, tmp_path / f"{ad}-small", progress=False)
         big, small = (load_file(str(tmp_path / f"{ad}-{s}/model.safetensors")) for s in ("big", "small"))
@@ -145,7 +145,7 @@ def test_dora_fan_in_fan_out_two_pass(tmp_path, monkeypatch):
     """GPT-2 Conv1D (weights (in, out)) with DoRA: the norm per output is a column norm over all row blocks."""
     ad = make_adapter("gpt2", tmp_path / "ad", 7, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
                       use_dora=True)
-    monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 200)
+    monkeypatch.setattr(stream_mod, "BLOCK_ELEMENTS", 200)
     merge_checkpoint(FIX / "hf/gpt2", ad, tmp_path / "m", progress=False)
     ref = peft_model(FIX / "hf/gpt2", ad)
     assert rel(logits(merged_model(tmp_path / "m")), logits(ref)) <= EXACT
@@ -282,7 +282,7 @@ def _torchtune_model(family: str):
 @pytest.mark.parametrize("family,adapter", [("llama", "llama-lora"), ("llama", "llama-dora"),
                                             ("qwen2", "qwen2-lora")])
 def test_to_torchtune_loads_strict_in_torchtune(tmp_path, monkeypatch, family, adapter):
-    monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 100)  # q/k permutation across head-aligned row blocks
+    monkeypatch.setattr(stream_mod, "BLOCK_ELEMENTS", 100)  # q/k permutation across head-aligned row blocks
     res = merge_checkpoint(FIX / "hf" / family, FIX / "peft" / adapter, tmp_path / "m", to="torchtune",
                            progress=False)
     assert res.files == ["model-00001-of-00001.safetensors"]
@@ -333,7 +333,7 @@ def test_existing_output_needs_force_and_inputs_untouched(tmp_path):
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     calls = []
-    real = merge_mod._Streamer.write
+    real = stream_mod.Streamer.write
 
     def failing(self, f, o):
         calls.append(o.key)
@@ -341,14 +341,14 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(self, f, o)
 
-    monkeypatch.setattr(merge_mod._Streamer, "write", failing)
+    monkeypatch.setattr(stream_mod.Streamer, "write", failing)
     with pytest.raises(RuntimeError, match="killed"):
         merge_checkpoint(FIX / "hf/llama", FIX / "peft/llama-lora", tmp_path / "m", progress=False)
     assert list(tmp_path.iterdir()) == []  # no output, no temporary sibling
 
 
 def test_disk_full_in_writer_thread_leaves_nothing(tmp_path, monkeypatch):
-    real, calls = merge_mod._write_all, []
+    real, calls = stream_mod._write_all, []
 
     def full(f, t):
         calls.append(1)
@@ -356,8 +356,8 @@ def test_disk_full_in_writer_thread_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(f, t)
 
-    monkeypatch.setattr(merge_mod, "_write_all", full)
-    monkeypatch.setattr(merge_mod, "WRITE_BYTES", 4096)  # many write units
+    monkeypatch.setattr(stream_mod, "_write_all", full)
+    monkeypatch.setattr(stream_mod, "WRITE_BYTES", 4096)  # many write units
     with pytest.raises(OutputPathError, match="No space left"):
         merge_checkpoint(FIX / "hf/llama", FIX / "peft/llama-lora", tmp_path / "m", progress=False)
     assert list(tmp_path.iterdir()) == []
