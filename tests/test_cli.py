@@ -49,3 +49,10 @@ def test_errors_are_one_line_with_exit_code(tmp_path):
     p = run("inspect", str(tmp_path / "missing.safetensors"))
     assert p.returncode == 1 and "no such file" in p.stderr
     assert run("no-such-command").returncode == 2
+
+
+def test_version():
+    import lora_ckpt
+
+    p = run("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"lora-ckpt {lora_ckpt.__version__}"
