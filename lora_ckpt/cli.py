@@ -280,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
                         stream=sys.stderr)
+    import warnings
+
+    # torch warns at import when numpy is absent; lora-ckpt never needs numpy
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     if args.quiet:
         import os
 
