@@ -21,15 +21,7 @@ from lora_ckpt.rope import interleaved_to_rotate_half, rotate_half_to_interleave
 pytestmark = pytest.mark.filterwarnings("ignore")  # peers' deprecation chatter; key warnings are captured
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls: one intra-op thread is ~100x cheaper than two on a busy 2-core machine
-    (thread hand-off dominates); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+# one torch thread for the whole suite: tests/conftest.py
 
 def report(case: str, value: float) -> float:
     print(f"\nREL {case} {value:.3e}")
