@@ -29,7 +29,6 @@ Nothing here imports torch at module level (``inspect`` reads shapes only, as
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
@@ -37,17 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from .adapter import ModuleLoRA
 from .errors import ConversionError, LayoutError, UnsupportedAdapterError, quote_list
-from .families import Family, Fused, ModelConfig
+from .families import Family, Fused, ModelConfig, template_regex
 from .index import TensorMeta
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["fuse", "group", "join", "separate", "split", "stack_experts", "ungroup", "unstack_experts"]
-
-
-def _regex(template: str) -> re.Pattern[str]:
-    return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))
 
 
 def _meta(t: Any) -> bool:
@@ -188,7 +183,7 @@ def separate(fused_entries: Sequence[Fused], modules: dict[str, ModuleLoRA], cfg
         src, dst = (fe.other, fe.hf) if to_hf else (fe.hf, fe.other)
         if len(src) != 1:
             continue
-        rx = _regex(src[0])
+        rx = template_regex(src[0])
         for name, m in modules.items():
             hit = rx.fullmatch(name)
             if not hit:
@@ -227,7 +222,7 @@ def join(fused_entries: Sequence[Fused], modules: dict[str, ModuleLoRA], cfg: Mo
         found: dict[tuple[str, ...], dict[int, str]] = {}
         for name in modules:
             for i, template in enumerate(src):
-                hit = _regex(template).fullmatch(name)
+                hit = template_regex(template).fullmatch(name)
                 if hit:
                     found.setdefault(hit.groups(), {})[i] = name
         on = [any(i in idx for idx in found.values()) for i in range(len(src))]
@@ -348,7 +343,7 @@ def stack_experts(family: Family | None, modules: dict[str, ModuleLoRA], *, n_ex
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     used: set[str] = set()
     for switch, expert in sorted(pairs):
-        rx = _regex(expert)
+        rx = template_regex(expert)
         found: dict[tuple[str, ...], dict[int, str]] = {}
         for name in modules:
             hit = rx.fullmatch(name)
@@ -384,7 +379,7 @@ def _expert_template(family: Family | None, name: str, *, layout: str) -> tuple[
     candidates = [family] if family is not None else list(FAMILIES.values())
     for fam in candidates:
         for switch, expert in fam.stacked_experts.items():
-            hit = _regex(switch).fullmatch(name)
+            hit = template_regex(switch).fullmatch(name)
             if hit:
                 return expert, hit.groups()
     known = sorted({k for f in FAMILIES.values() for k in f.stacked_experts})

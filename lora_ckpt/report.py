@@ -12,7 +12,7 @@ from typing import Any
 from .errors import quote_list
 from .files import DTYPES, PathLike, checkpoint_files, read_safetensors_header
 from .index import VALUE_SCAN_LIMIT, nonfinite_tensors
-from .keys import split_key
+from .keys import LEAF_ROLES, TRANSPOSED_LEAVES, split_key
 
 __all__ = ["AdapterReport", "CheckpointReport", "format_report", "inspect_checkpoint", "inspect_source"]
 
@@ -27,11 +27,8 @@ class ModuleReport:
     @property
     def rank(self) -> int | None:
         for leaf, shape in self.leaves.items():
-            if leaf in ("lora_A.weight", "lora_a.weight", "lora_A", "A.weight", "lora_down.weight",
-                        "lora_embedding_A") and len(shape) >= 2:
-                return shape[-2] if len(shape) == 3 else shape[0]
-            if leaf == "lora_a" and len(shape) >= 2:  # mlx: (in, r)
-                return shape[-1]
+            if LEAF_ROLES.get(leaf) == "A" and len(shape) >= 2:  # (r, in); (E, r, in) stacked; mlx (in, r)
+                return shape[-2] if len(shape) == 3 else shape[-1] if leaf in TRANSPOSED_LEAVES else shape[0]
         return None
 
 
