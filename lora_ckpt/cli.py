@@ -14,7 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
+from .check import TARGETS
 from .errors import LoraCkptError
+from .layouts import layout_names
 
 __all__ = ["main"]
 
@@ -33,8 +35,8 @@ exit codes: 0 ok, 1 refused input, 2 usage error, 3 verification found a differe
 """
 
 Handler = Callable[[argparse.Namespace], int]
-# kept in sync with lora_ckpt.layouts.LAYOUTS by tests/test_cli.py (importing it would import torch)
-LAYOUT_NAMES = ["native", "peft", "torchtune", "mistral", "loralib", "llmbook", "mlx", "litgpt"]
+#: the registry's layout names (lora_ckpt.layouts is torch-free: --help stays fast)
+LAYOUT_NAMES = layout_names()
 
 
 def _source(args: argparse.Namespace, value: str, *, layout: str | None = "from") -> str:
@@ -186,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  lora-ckpt convert lora_state_dict.pt --from loralib --alpha 16 --to peft -o out/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="adapter directory or file (or hf://...)")
-    p.add_argument("--to", required=True, choices=LAYOUT_NAMES, help="target layout")
+    p.add_argument("--to", required=True, choices=LAYOUT_NAMES, help="target layout: " + ", ".join(LAYOUT_NAMES))
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     common(p)
     p.add_argument("--dtype", help="cast tensors (default: keep the source dtype)")
@@ -254,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  lora-ckpt check epoch_0/ --for llama.cpp --base-config llama/config.json --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="adapter directory or file (or hf://...)")
-    p.add_argument("--for", dest="for_", required=True, choices=["peft", "vllm", "llama.cpp", "torchtune", "mlx"],
+    p.add_argument("--for", dest="for_", required=True, choices=list(TARGETS),
                    help="the consumer")
     common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -9,10 +9,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import quote_list
-from .files import DTYPES, PathLike, checkpoint_files, read_safetensors_header
+from .adapter import Adapter
+from .check import misnamed_modules, torchtune_export
+from .errors import LoraCkptError, MissingConfigError, UnknownLayoutError, quote_list
+from .families import ModelConfig, load_model_config
+from .files import DTYPES, PathLike, checkpoint_files, load_pickle, read_safetensors_header
 from .index import VALUE_SCAN_LIMIT, nonfinite_tensors
 from .keys import LEAF_ROLES, TRANSPOSED_LEAVES, split_key
+from .layouts import detect_layout, load_adapter, read_detected
 
 __all__ = ["AdapterReport", "CheckpointReport", "format_report", "inspect_checkpoint", "inspect_source"]
 
@@ -68,8 +72,6 @@ def inspect_checkpoint(source: PathLike) -> CheckpointReport:
             metadata.update(header.metadata)
             entries += [(t.name, t.dtype, list(t.shape), t.nbytes) for t in header.tensors.values()]
         else:
-            from .files import load_pickle
-
             for name, t in load_pickle(path).items():
                 entries.append((name, str(t.dtype).removeprefix("torch."), list(t.shape),
                                 t.numel() * t.element_size()))
@@ -169,10 +171,6 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
 
     NaN/Inf values are looked for in safetensors files up to 16 MB (any size with ``values``),
     without torch."""
-    from .errors import MissingConfigError, UnknownLayoutError
-    from .families import load_model_config
-    from .layouts import detect_layout, read_detected
-
     try:
         det = detect_layout(source, layout=layout)
     except UnknownLayoutError:
@@ -185,9 +183,10 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
     try:
         adapter = read_detected(det, base_config=cfg, alpha=alpha, use_hub=False)
     except MissingConfigError as e:  # e.g. loralib without --alpha: report shapes, say what is missing
-        if det.layout.name not in ("loralib", "torchtune", "peft"):
-            raise
-        adapter = read_detected(det, base_config=cfg, alpha=1.0, use_hub=False)
+        try:
+            adapter = read_detected(det, base_config=cfg, alpha=1.0, use_hub=False)
+        except MissingConfigError:  # not (only) the scale: head counts, a family's names ...
+            raise e from None
         warnings.append(f"scale unknown ({e}); scales below assume alpha=1")
     warnings += adapter.meta.notes
     warnings += _prefix_warnings(adapter)
@@ -219,38 +218,29 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
         dora=adapter.uses_dora, lora_bias=adapter.uses_bias, extra=sorted(adapter.extra), warnings=warnings)
 
 
-def _prefix_warnings(adapter: Any) -> list[str]:
+def _prefix_warnings(adapter: Adapter) -> list[str]:
     """Modules named differently from how the declared base model class names them are skipped
     silently by PEFT, vLLM and transformers (e.g. a VLM's ``language_model.`` prefix)."""
+    found = misnamed_modules(adapter)
+    if not found or not found[0] or adapter.meta.model_config is None:
+        return []
     cfg = adapter.meta.model_config
-    if cfg is None or cfg.family is None:
-        return []
-    prefixes = cfg.family.module_prefixes
-    wrong = sorted(n for n in adapter.modules if not n.startswith(prefixes))
-    if not wrong:
-        return []
-    arch = (cfg.raw.get("architectures") or [cfg.family.name])[0]
-    return [f"module(s) {quote_list(wrong, 3)} do not start with {quote_list(prefixes)} as {arch} names its "
-            "modules: PEFT, vLLM and transformers skip them silently and serve the base model; fix the prefix"]
+    arch = (cfg.raw.get("architectures") or [cfg.family.name if cfg.family else "the base model"])[0]
+    return [(f"module(s) {quote_list(found[0], 3)} do not start with {found[1]} as {arch} names its "
+            "modules: PEFT, vLLM and transformers skip them silently and serve the base model; fix the prefix")]
 
 
-def _torchtune_export_check(root: Path, cfg: Any) -> list[str]:
+def _torchtune_export_check(root: Path, cfg: ModelConfig | None) -> list[str]:
     """torchtune writes a PEFT-keyed copy beside adapter_model.pt; 0.6.1's is wrong for DoRA and Qwen."""
-    from .conversion import compare_adapters
-    from .errors import LoraCkptError
-    from .layouts import load_adapter
-
     try:
-        ours = load_adapter(root, layout="torchtune", base_config=cfg)
-        theirs = load_adapter(root / "adapter_model.safetensors", layout="peft", alpha=None)
+        found = torchtune_export(root, load_adapter(root, layout="torchtune", base_config=cfg))
     except LoraCkptError as e:
         return [f"could not check adapter_model.safetensors against adapter_model.pt: {e}"]
-    rep = compare_adapters(ours, theirs)
-    if rep.ok:
+    if found is None or found[2].ok:
         return []
-    return [f"adapter_model.safetensors (PEFT keys) disagrees with adapter_model.pt: {rep.summary()} — torchtune "
+    return [(f"adapter_model.safetensors (PEFT keys) disagrees with adapter_model.pt: {found[2].summary()} — torchtune "
             "0.6.1's PEFT export bug (DoRA magnitudes/use_dora, Qwen permutation); PEFT and vLLM would compute "
-            "the wrong function; use `lora-ckpt convert DIR --to peft -o OUT`"]
+            "the wrong function; use `lora-ckpt convert DIR --to peft -o OUT`")]
 
 
 def _format_adapter(rep: AdapterReport, limit: int) -> str:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..adapter import Adapter
 from ..errors import ConfigError, MissingConfigError
 from ..files import read_safetensors_header
-from .base import Layout, ReadOptions, Source, WriteOptions, save_tensors
+from .base import Layout, save_tensors
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, Role
 
 META_KEY = "lora_ckpt"
 VERSION = 1
@@ -20,9 +22,10 @@ VERSION = 1
 
 class NativeLayout(Layout):
     name = "native"
+    order = 10
     summary = "lora-ckpt's own lora_adapter.safetensors (LoRALinear keys, scales in the header)"
     weight_files = ("lora_adapter.safetensors",)
-    leaves = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude", "bias": "lora_B.bias",
+    leaves: ClassVar[dict[Role, str]] = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude", "bias": "lora_B.bias",
               "emb_A": "lora_embedding_A.weight", "emb_B": "lora_embedding_B.weight"}
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
 
@@ -39,9 +42,9 @@ class NativeLayout(Layout):
             raise ConfigError(f"{src.weights}: '{META_KEY}' header metadata is not lora-ckpt's JSON", path=src.weights) from e
         return meta
 
-    def detect(self, src: Source) -> tuple[int, str] | None:
+    def detect(self, src: Source) -> Detection | None:
         if self._meta(src) is not None:
-            return 3, f"{src.weights.name} carries lora-ckpt metadata"
+            return Detection(3, f"{src.weights.name} carries lora-ckpt metadata")
         return None
 
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
