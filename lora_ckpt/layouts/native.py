@@ -37,9 +37,12 @@ class NativeLayout(Layout):
             return None
         try:
             meta = json.loads(raw)
-            assert isinstance(meta, dict) and isinstance(meta.get("scales"), dict)
-        except (json.JSONDecodeError, AssertionError) as e:
-            raise ConfigError(f"{src.weights}: '{META_KEY}' header metadata is not lora-ckpt's JSON", path=src.weights) from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{src.weights}: '{META_KEY}' header metadata is not JSON ({e}); expected lora-ckpt's "
+                              "metadata; rewrite the file with lora-ckpt convert", path=src.weights) from e
+        if not isinstance(meta, dict) or not isinstance(meta.get("scales"), dict):
+            raise ConfigError(f"{src.weights}: '{META_KEY}' header metadata has no 'scales' object; expected "
+                              "lora-ckpt's metadata; rewrite the file with lora-ckpt convert", path=src.weights)
         return meta
 
     def detect(self, src: Source) -> Detection | None:
