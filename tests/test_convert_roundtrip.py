@@ -33,8 +33,8 @@ from lora_ckpt.errors import (
     UnsupportedAdapterError,
     UsageError,
 )
-from lora_ckpt.families import FAMILIES, NameMap
-from lora_ckpt.layouts import LAYOUTS, detect_layout, load_adapter
+from lora_ckpt.families import FAMILIES, is_embedding, template_regex
+from lora_ckpt.layouts import LAYOUTS, ScalePolicy, detect_layout, load_adapter
 from lora_ckpt.rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 # one torch thread for the whole suite: tests/conftest.py
 
-ALL = ["native", "peft", "torchtune", "mistral", "loralib", "llmbook"]
+ALL = list(LAYOUTS)  # every registered layout: one added later joins every matrix below
 PEFT_FIX = P.FIX / "peft"
 FAMILY_OF = {"gpt2-lora": "gpt2", "qwen2-lora": "qwen2", "mistral-lora": "mistral", "gemma-lora": "gemma"}
 PEFT_FIXTURES = sorted(p.name for p in PEFT_FIX.iterdir())
@@ -59,7 +59,10 @@ def weight_file(d, layout):
 def read_tensors(path) -> dict[str, torch.Tensor]:
     """Independent of lora_ckpt: safetensors, or a torch pickle with weights_only."""
     path = str(path)
-    return load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
+    out = load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
+    if set(out) == {"model"} and isinstance(out["model"], dict):  # LitGPT's {"model": lora tensors}
+        out = out["model"]
+    return out
 
 
 def blobs(path) -> dict[str, tuple[torch.dtype, tuple, bytes]]:
@@ -93,20 +96,23 @@ def semantic_peft_config(d) -> dict:
 #: which layouts can carry each PEFT fixture through and back (the rest refuse: lossy)
 HOLDS = {
     "llama-lora": ALL, "llama-bin": ALL, "mistral-lora": ALL,
-    "qwen2-lora": [x for x in ALL if x != "mistral"], "gemma-lora": [x for x in ALL if x != "mistral"],
-    "llama-dora": ["native", "peft", "torchtune"],
+    "qwen2-lora": [x for x in ALL if x != "mistral"], "gemma-lora": [x for x in ALL if x not in ("mistral", "litgpt")],
+    "llama-dora": ["native", "peft", "torchtune", "mlx"],
     "llama-rslora-patterns": ALL,
     "llama-lora-bias": ["native", "peft"], "llama-modules-to-save": ["native", "peft"],
+    # mlx-lm holds embedding LoRA but not the full embedding copy PEFT saves with it
     "llama-embedding": ["native", "peft"], "gpt2-lora": ["native", "peft"],
 }
 #: via these, tensors cannot stay byte-identical: one rank/scale (patterns padded and folded) or
 #: llmbook's fixed scale 1 (alpha/r = 2 folded into B)
-FUNCTION_ONLY = {("llama-rslora-patterns", v) for v in ("torchtune", "mistral", "loralib", "llmbook")} | {
+FUNCTION_ONLY = {("llama-rslora-patterns", v) for v in ALL if LAYOUTS[v].one_rank} | {
     (f, "llmbook") for f in HOLDS}
 #: layouts that keep PEFT's whole adapter_config.json (so its bytes can come back)
 KEEPS_PEFT_CONFIG = {"peft", "native"}
 #: layouts with nowhere to keep the base model id (base_model_name_or_path)
-NO_BASE_ID = {"mistral", "loralib", "llmbook"}
+NO_BASE_ID = {"mistral", "loralib", "llmbook", "litgpt"}
+#: the config key a layout keeps the base model id under
+BASE_ID_KEYS = ("base_model_name_or_path", "model")
 
 
 def test_holds_table_covers_every_peft_fixture():
@@ -178,21 +184,26 @@ def test_peft_config_written_as_peft_writes_it(tmp_path):
 #: content -> (peft source maker, family, layouts that hold it)
 CONTENT = {
     "lora": ("llama-lora", ALL),
-    "lora-scale1": (None, ALL),  # alpha == r: llmbook's fixed scale 1 needs no fold, so all 30 pairs are exact
-    "dora": ("llama-dora", ["native", "peft", "torchtune"]),
+    "lora-scale1": (None, ALL),  # alpha == r: llmbook's fixed scale 1 needs no fold, so its pairs are exact
+    "dora": ("llama-dora", HOLDS["llama-dora"]),
     "bias": ("llama-lora-bias", ["native", "peft"]),
-    "embedding": ("llama-embedding", ["native", "peft"]),
+    "embedding": ("llama-embedding", HOLDS["llama-embedding"]),
     "modules-to-save": ("llama-modules-to-save", ["native", "peft"]),
     "gpt2-conv1d": ("gpt2-lora", ["native", "peft"]),
-    "qwen2": ("qwen2-lora", ["native", "peft", "torchtune", "loralib", "llmbook"]),
-    "gemma": ("gemma-lora", ["native", "peft", "torchtune", "loralib", "llmbook"]),
+    "qwen2": ("qwen2-lora", HOLDS["qwen2-lora"]),
+    "gemma": ("gemma-lora", HOLDS["gemma-lora"]),
     "mistral": ("mistral-lora", ALL),
 }
 DTYPES = {"lora": [None, torch.bfloat16], "dora": [None, torch.bfloat16]}
-#: family contents: only the pairs that exercise their family-specific layout (the rest is the same code)
-FOCUS = {"qwen2": "torchtune", "gemma": "torchtune", "mistral": "mistral"}
+#: bf16 is kept by every layout's reader and writer alike: each layout once against peft is enough
+BF16_VIA = "peft"
+#: only the pairs that exercise what the content is about (the rest is the same code as "lora"): the
+#: family-specific layouts (names by family), and llmbook's fixed scale
+FOCUS = {c: {lay for lay in ALL if LAYOUTS[lay].scheme != "hf"} for c in ("qwen2", "gemma", "mistral")}
+FOCUS["lora-scale1"] = {lay for lay in ALL if LAYOUTS[lay].scale_policy is ScalePolicy.FIXED}
 RT_CASES = [(c, dt, a, b) for c, (_, lays) in CONTENT.items() for dt in DTYPES.get(c, [None])
-            for a, b in itertools.permutations(lays, 2) if c not in FOCUS or FOCUS[c] in (a, b)]
+            for a, b in itertools.permutations(lays, 2) if (c not in FOCUS or FOCUS[c] & {a, b})
+            and (dt is None or BF16_VIA in (a, b))]
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +262,8 @@ def test_round_trip_a_b_a(tmp_path, sources, content, dtype, a, b):
         else:
             x, y = json.loads(f.read_text()), json.loads((back / f.name).read_text())
         if b in NO_BASE_ID:
-            x.pop("base_model_name_or_path", None), y.pop("base_model_name_or_path", None)
+            for key in BASE_ID_KEYS:
+                x.pop(key, None), y.pop(key, None)
         assert y == x, f.name
     if a == "native":
         assert {n: m.scale for n, m in second.modules.items()} == {n: m.scale for n, m in first.modules.items()}
@@ -292,8 +304,8 @@ def test_name_table_is_a_bijection(family, scheme):
     for nm, tab in ((FAMILIES[family].names(scheme), table), (FAMILIES[family].names(scheme).modules, None)):
         tab = tab or nm.table
         assert len(set(tab.values())) == len(tab), "two HF keys map to one target"
-        fwd = [NameMap._regex(k) for k in tab]
-        rev = [NameMap._regex(v) for v in tab.values()]
+        fwd = [template_regex(k) for k in tab]
+        rev = [template_regex(v) for v in tab.values()]
         for hf_t, other_t in tab.items():
             hf, other = _instances(hf_t, other_t)
             assert nm.to_other(hf) == other and nm.to_hf(other) == hf
@@ -340,15 +352,22 @@ def test_meta_names_agree_with_torchtunes_meta_table(family):
 MODULES = {"hf": ["model.layers.0.self_attn.q_proj", "model.layers.17.mlp.down_proj", "lm_head",
                   "model.embed_tokens", "transformer.h.1.attn.c_attn"],
            "torchtune": ["layers.0.attn.q_proj", "layers.3.mlp.w2", "output"],
-           "meta": ["layers.0.attention.wq", "layers.12.feed_forward.experts.3.w1"]}
+           "meta": ["layers.0.attention.wq", "layers.12.feed_forward.experts.3.w1"],
+           "litgpt": ["transformer.h.0.attn.qkv", "transformer.h.3.mlp.fc_1", "lm_head", "transformer.wte"]}
 
 
 @pytest.mark.parametrize("layout", ALL)
 def test_layout_leaves_are_a_bijection(layout):
     lay = LAYOUTS[layout]
-    assert len(set(lay.leaves.values())) == len(lay.leaves)
+    roles_of: dict[str, list[str]] = {}
+    for role, leaf in lay.leaves.items():
+        roles_of.setdefault(leaf, []).append(role)
+    # a leaf names one role, or (mlx-lm) one Linear and one Embedding role: the module's kind decides
+    assert all(len(r) == 1 or sorted(x.startswith("emb_") for x in r) == [False, True] for r in roles_of.values())
     for module in MODULES[lay.scheme]:
         for role in lay.leaves:
+            if len(roles_of[lay.leaves[role]]) > 1 and role.startswith("emb_") != is_embedding(module):
+                continue
             assert lay.split(lay.key(module, role)) == (module, role)
     assert lay.split(f"{lay.prefix}model.layers.0.self_attn.q_proj.weight") is None  # a base weight is no leaf
 
