@@ -182,7 +182,7 @@ def _peft_config(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, k
     layers = cfg.get("layers_to_transform")
     if layers is not None:
         keep = {layers} if isinstance(layers, int) else set(layers)
-        out = [n for n in adapter.modules if (b := parse_layer(n, containers=_BLOCK_LISTS)) and b.index not in keep]
+        out = [n for n in adapter.modules if (b := parse_layer(n, containers=_BLOCK_LISTS)) and b.number not in keep]
         if out:
             add(Finding("error", f"layers_to_transform {sorted(keep)} excludes {len(out)} module(s) in the file "
                         f"({quote_list(out, 3)}): dropped silently", convert))

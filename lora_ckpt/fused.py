@@ -30,7 +30,7 @@ Nothing here imports torch at module level (``inspect`` reads shapes only, as
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -92,15 +92,17 @@ def fuse(parts: Sequence[ModuleLoRA | None], sizes: Sequence[int]) -> ModuleLoRA
     meta = _meta(first.A)
     same_a = (len(present) == len(parts) and not meta
               and all(p.A.shape == first.A.shape and bool((p.A == first.A).all()) for p in present))
+    A: Any
+    B: Any  # TensorMeta stand-ins when reading shapes only, else tensors
     if meta:  # shapes only (inspect): the stacked form's shapes
         rank = first.rank if len(present) == 1 else sum(p.rank for p in present)
-        A = TensorMeta((rank, first.A.shape[1]), first.A.dtype)
-        B = TensorMeta((sum(sizes), rank), first.B.dtype)
+        A = TensorMeta((rank, first.A.shape[1]), str(first.A.dtype))  # a TensorMeta dtype is already a str
+        B = TensorMeta((sum(sizes), rank), str(first.B.dtype))
     else:
         import torch
 
         if same_a:
-            A, B = first.A, torch.cat([p.B for p in parts])  # type: ignore[union-attr]
+            A, B = first.A, torch.cat([p.B for p in present])
         else:
             A = torch.cat([p.A for p in present])
             B = torch.zeros(sum(sizes), A.shape[0], dtype=first.B.dtype)
@@ -162,7 +164,7 @@ def ungroup(A: Any, B: Any, sizes: Sequence[int], enabled: Sequence[bool], scale
 
 # ------------------------------------------------------------------- module dicts
 def separate(fused_entries: Sequence[Fused], modules: dict[str, ModuleLoRA], cfg: ModelConfig | None, *,
-             to_hf: bool, grouped: bool = False, enabled: dict[Fused, Sequence[bool]] | None = None,
+             to_hf: bool, grouped: bool = False, enabled: Mapping[Fused, Sequence[bool]] | None = None,
              ) -> tuple[dict[str, ModuleLoRA], set[str]]:
     """Split every module that is the fused side of an entry.
 
@@ -321,6 +323,8 @@ def unstack_experts(family: Family | None, name: str, A: Any, B: Any, *, layout:
     E, r = B.shape[0], B.shape[2]
     out = {}
     for e in range(E):
+        a: Any
+        b: Any
         a = (TensorMeta((r, A.shape[-1]), A.dtype) if _meta(A)
              else A[e] if A.dim() == 3 else A[e * r:(e + 1) * r])
         b = TensorMeta(B.shape[1:], B.dtype) if _meta(B) else B[e]

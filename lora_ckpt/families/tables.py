@@ -132,9 +132,9 @@ class Fused:
         return sizes
 
 
-_LLAMA_LITGPT_FUSED = (Fused(hf=("model.layers.{}.self_attn.q_proj", "model.layers.{}.self_attn.k_proj",
+_LLAMA_LITGPT_FUSED: tuple[Fused, ...] = (Fused(hf=("model.layers.{}.self_attn.q_proj", "model.layers.{}.self_attn.k_proj",
                                  "model.layers.{}.self_attn.v_proj"), other=("transformer.h.{}.attn.qkv",), rows="qkv"),)
-_PHI3_TUNE_FUSED = (
+_PHI3_TUNE_FUSED: tuple[Fused, ...] = (
     Fused(hf=("model.layers.{}.self_attn.qkv_proj",),
           other=("layers.{}.attn.q_proj", "layers.{}.attn.k_proj", "layers.{}.attn.v_proj"), rows="qkv"),
     Fused(hf=("model.layers.{}.mlp.gate_up_proj",), other=("layers.{}.mlp.w1", "layers.{}.mlp.w3"), rows="equal"),
@@ -176,7 +176,7 @@ class Family:
 
 
 _LITGPT = {"litgpt": _LLAMA_LITGPT}
-_LITGPT_FUSED = {"litgpt": _LLAMA_LITGPT_FUSED}
+_LITGPT_FUSED: dict[str, tuple[Fused, ...]] = {"litgpt": _LLAMA_LITGPT_FUSED}
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", ("llama",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META, **_LITGPT}, fused=_LITGPT_FUSED),

@@ -183,7 +183,7 @@ def placement(blocks: set[int], total: int | None) -> tuple[int, str | None]:
 
 def blocks(modules: dict[str, Any]) -> set[int]:
     """The block indices the modules adapt."""
-    return {b.index for n in modules if (b := parse_layer(n))}
+    return {b.number for n in modules if (b := parse_layer(n))}
 
 
 def partial_dora(adapter: Adapter) -> list[str]:

@@ -34,7 +34,7 @@ def fill_every_layer(adapter: Adapter, cfg: ModelConfig | None, *, layout: str) 
     for name in adapter.modules:
         block = parse_layer(name)
         if block:
-            by_type.setdefault((block.prefix, block.rest), set()).add(block.index)
+            by_type.setdefault((block.prefix, block.rest), set()).add(block.number)
     if not by_type:
         return adapter
     for pre in {p for p, _ in by_type}:
