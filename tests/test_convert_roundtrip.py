@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import shutil
+from typing import get_args
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ from lora_ckpt.errors import (
 )
 from lora_ckpt.families import FAMILIES, is_embedding, template_regex
 from lora_ckpt.layouts import LAYOUTS, ScalePolicy, detect_layout, load_adapter
+from lora_ckpt.layouts.spec import Feature
 from lora_ckpt.rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -94,36 +96,56 @@ def semantic_peft_config(d) -> dict:
 
 # =============================================================== PEFT bytes
 #: which layouts can carry each PEFT fixture through and back (the rest refuse: lossy)
-HOLDS = {
-    "llama-lora": ALL, "llama-bin": ALL, "mistral-lora": ALL,
-    "qwen2-lora": [x for x in ALL if x != "mistral"], "gemma-lora": [x for x in ALL if x not in ("mistral", "litgpt")],
-    "llama-dora": ["native", "peft", "torchtune", "mlx"],
-    "llama-rslora-patterns": ALL,
-    "llama-lora-bias": ["native", "peft"], "llama-modules-to-save": ["native", "peft"],
-    # mlx-lm holds embedding LoRA but not the full embedding copy PEFT saves with it
-    "llama-embedding": ["native", "peft"], "gpt2-lora": ["native", "peft"],
-}
+#: what each fixture needs beyond plain Linear LoRA (a layout's ``features``); the embedding fixture
+#: also carries the full embedding copy PEFT saves with it ("extra")
+NEEDS = {"llama-dora": {"dora"}, "llama-lora-bias": {"bias"}, "llama-modules-to-save": {"extra"},
+         "llama-embedding": {"embedding", "extra"}, "gpt2-lora": {"fan_in_fan_out"}}
+
+
+def holds(fixture: str) -> list[str]:
+    """The registered layouts that can hold the fixture: its features, and names for its family."""
+    family = FAMILIES[family_of(fixture)]
+    return [name for name, lay in LAYOUTS.items() if NEEDS.get(fixture, set()) <= lay.features
+            and (lay.scheme == "hf" or lay.scheme in family.maps)]
+
+
+HOLDS = {f: holds(f) for f in PEFT_FIXTURES}
+FIXED_SCALE = [name for name, lay in LAYOUTS.items() if lay.scale_policy is ScalePolicy.FIXED]
 #: via these, tensors cannot stay byte-identical: one rank/scale (patterns padded and folded) or
 #: llmbook's fixed scale 1 (alpha/r = 2 folded into B)
 FUNCTION_ONLY = {("llama-rslora-patterns", v) for v in ALL if LAYOUTS[v].one_rank} | {
-    (f, "llmbook") for f in HOLDS}
+    (f, v) for f in HOLDS for v in FIXED_SCALE}
 #: layouts that keep PEFT's whole adapter_config.json (so its bytes can come back)
 KEEPS_PEFT_CONFIG = {"peft", "native"}
-#: layouts with nowhere to keep the base model id (base_model_name_or_path)
-NO_BASE_ID = {"mistral", "loralib", "llmbook", "litgpt"}
+
+
+
+@pytest.fixture(scope="module")
+def no_base_id(tmp_path_factory) -> set[str]:
+    """The layouts with nowhere to keep the base model id (base_model_name_or_path), found by writing
+    the llama-lora fixture in each and reading it back."""
+    root = tmp_path_factory.mktemp("base-id")
+    out = set()
+    for name in ALL:
+        convert(PEFT_FIX / "llama-lora", root / name, to=name, base_config=P.hf_config_path("llama"))
+        if load_adapter(root / name, base_config=P.hf_config_path("llama")).meta.base_model is None:
+            out.add(name)
+    return out
 #: the config key a layout keeps the base model id under
 BASE_ID_KEYS = ("base_model_name_or_path", "model")
 
 
 def test_holds_table_covers_every_peft_fixture():
-    assert set(HOLDS) == set(PEFT_FIXTURES)
+    assert set(NEEDS) <= set(PEFT_FIXTURES)
+    lossless = [name for name, lay in LAYOUTS.items() if lay.features == frozenset(get_args(Feature))]
+    assert lossless and all(set(lossless) <= set(held) for held in HOLDS.values())
 
 
 BYTE_CASES = [(f, v) for f in PEFT_FIXTURES for v in HOLDS.get(f, [])]
 
 
 @pytest.mark.parametrize("fixture,via", BYTE_CASES, ids=[f"{f}-via-{v}" for f, v in BYTE_CASES])
-def test_peft_output_is_byte_identical_to_what_peft_wrote(tmp_path, fixture, via):
+def test_peft_output_is_byte_identical_to_what_peft_wrote(tmp_path, no_base_id, fixture, via):
     """fixtures/peft/<x> -> [via] -> peft: adapter_model.safetensors and adapter_config.json are
     PEFT's own bytes. Where the intermediate cannot keep them (see FUNCTION_ONLY and
     KEEPS_PEFT_CONFIG) the meaning is asserted instead: PEFT's parsed config, and where the tensors
@@ -144,7 +166,7 @@ def test_peft_output_is_byte_identical_to_what_peft_wrote(tmp_path, fixture, via
         rep = compare_adapters(load_adapter(src), load_adapter(out))
         assert rep.ok and rep.worst <= 1e-6, rep.summary()
         assert semantic_peft_config(out)["use_dora"] == semantic_peft_config(src)["use_dora"]
-        if via == "llmbook" and fixture != "llama-rslora-patterns":  # scale 2 folded into B: exactly 2·B, alpha = r
+        if via in FIXED_SCALE and fixture != "llama-rslora-patterns":  # scale 2 folded into B: exactly 2·B, alpha = r
             theirs, ours = read_tensors(weight_file(src, "peft")), read_tensors(ours_st)
             assert theirs.keys() == ours.keys()
             assert all(torch.equal(ours[k], theirs[k] * (2 if "lora_B" in k else 1)) for k in ours)
@@ -163,7 +185,7 @@ def test_peft_output_is_byte_identical_to_what_peft_wrote(tmp_path, fixture, via
         assert (out / "adapter_config.json").read_bytes() == (src / "adapter_config.json").read_bytes()
     else:  # the intermediate has its own config (torchtune's, params.json, lora_config.json)
         want, got = semantic_peft_config(src), semantic_peft_config(out)
-        if via in NO_BASE_ID:
+        if via in no_base_id:
             want.pop("base_model_name_or_path"), got.pop("base_model_name_or_path")
         assert got == want
 
@@ -186,10 +208,10 @@ CONTENT = {
     "lora": ("llama-lora", ALL),
     "lora-scale1": (None, ALL),  # alpha == r: llmbook's fixed scale 1 needs no fold, so its pairs are exact
     "dora": ("llama-dora", HOLDS["llama-dora"]),
-    "bias": ("llama-lora-bias", ["native", "peft"]),
+    "bias": ("llama-lora-bias", HOLDS["llama-lora-bias"]),
     "embedding": ("llama-embedding", HOLDS["llama-embedding"]),
-    "modules-to-save": ("llama-modules-to-save", ["native", "peft"]),
-    "gpt2-conv1d": ("gpt2-lora", ["native", "peft"]),
+    "modules-to-save": ("llama-modules-to-save", HOLDS["llama-modules-to-save"]),
+    "gpt2-conv1d": ("gpt2-lora", HOLDS["gpt2-lora"]),
     "qwen2": ("qwen2-lora", HOLDS["qwen2-lora"]),
     "gemma": ("gemma-lora", HOLDS["gemma-lora"]),
     "mistral": ("mistral-lora", ALL),
@@ -233,7 +255,7 @@ def _rt_id(c):
 
 
 @pytest.mark.parametrize("content,dtype,a,b", RT_CASES, ids=[_rt_id(c) for c in RT_CASES])
-def test_round_trip_a_b_a(tmp_path, sources, content, dtype, a, b):
+def test_round_trip_a_b_a(tmp_path, sources, no_base_id, content, dtype, a, b):
     src = sources(content, dtype, a)
     cfg = P.hf_config_path(family_of(CONTENT[content][0] or ""))
     mid, back = tmp_path / "mid", tmp_path / "back"
@@ -245,12 +267,13 @@ def test_round_trip_a_b_a(tmp_path, sources, content, dtype, a, b):
         assert {t.dtype for t in read_tensors(weight_file(d, lay)).values()} == {want_dtype}
     first, second = load_adapter(src, base_config=cfg), load_adapter(back, base_config=cfg)
     rep = compare_adapters(first, second)
-    if b == "llmbook" and content != "lora-scale1":  # scale 2 folded into B (exactly: a power of 2) and back
+    if b in FIXED_SCALE and content != "lora-scale1":  # scale 2 folded into B (exactly: a power of 2) and back
         assert rep.ok and rep.worst == 0.0, rep.summary()
         return
     assert blobs(weight_file(back, a)) == blobs(weight_file(src, a))  # every tensor, byte for byte
     assert rep.ok and rep.worst == 0.0 and rep.modules
-    if a in ("peft", "mistral"):  # safetensors: the whole file, header included
+    if not LAYOUTS[a].pickle and a != "native":  # safetensors: the whole file, header included (native's
+        # header records the layout the adapter came from)
         assert weight_file(back, a).read_bytes() == weight_file(src, a).read_bytes()
     # configs keep their meaning: PEFT's own reading of a PEFT config (B may not keep PEFT's 41 keys),
     # every other JSON file (torchtune's config, params.json, lora_config.json, config.json) as is
@@ -261,7 +284,7 @@ def test_round_trip_a_b_a(tmp_path, sources, content, dtype, a, b):
             x, y = semantic_peft_config(src), semantic_peft_config(back)
         else:
             x, y = json.loads(f.read_text()), json.loads((back / f.name).read_text())
-        if b in NO_BASE_ID:
+        if b in no_base_id:
             for key in BASE_ID_KEYS:
                 x.pop(key, None), y.pop(key, None)
         assert y == x, f.name
