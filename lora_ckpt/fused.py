@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from .adapter import ModuleLoRA
 from .errors import ConversionError, LayoutError, UnsupportedAdapterError, quote_list
-from .families import Family, Fused, ModelConfig, template_regex
+from .families import FAMILIES, Family, Fused, ModelConfig, template_regex
 from .io import TensorMeta
 
 if TYPE_CHECKING:
@@ -340,8 +340,6 @@ def stack_experts(family: Family | None, modules: dict[str, ModuleLoRA], *, n_ex
     """
     import torch
 
-    from .families import FAMILIES
-
     tables = [family.stacked_experts] if family is not None else [f.stacked_experts for f in FAMILIES.values()]
     pairs = {(switch, expert) for table in tables for switch, expert in table.items()}
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -378,8 +376,6 @@ def stack_experts(family: Family | None, modules: dict[str, ModuleLoRA], *, n_ex
 
 
 def _expert_template(family: Family | None, name: str, *, layout: str) -> tuple[str, tuple[str, ...]]:
-    from .families import FAMILIES
-
     candidates = [family] if family is not None else list(FAMILIES.values())
     for fam in candidates:
         for switch, expert in fam.stacked_experts.items():
