@@ -152,7 +152,7 @@ class KeyMismatchError(StateDictError):
     """A strict load whose checkpoint misses keys of the model or has keys it does not know."""
 
     def __init__(self, message: str, *, missing: list[str], unexpected: list[str]) -> None:
-        super().__init__(message, key=(missing or unexpected or [None])[0])
+        super().__init__(message, key=next(iter(missing or unexpected), None))
         self.missing = missing
         self.unexpected = unexpected
 

@@ -18,7 +18,7 @@ FIX = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def test_cli_layout_names_match_the_registry():
-    assert LAYOUT_NAMES == list(LAYOUTS)
+    assert list(LAYOUTS) == LAYOUT_NAMES
 
 
 @pytest.mark.parametrize("path, layout, family", [

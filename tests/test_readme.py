@@ -12,8 +12,9 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert block[1] in ci.splitlines()
     steps = block[1].split(" && ")  # install first, then lint and type-check, then the suite
-    assert steps.index("ruff check lora_ckpt tests") < steps.index("mypy lora_ckpt") < steps.index("python -m pytest -q")
-    assert steps.index("pip install -q -c constraints.txt -e '.[test]'") < steps.index("ruff check lora_ckpt tests")
+    order = ["pip install -q -c constraints.txt -e '.[test]'", "ruff check lora_ckpt tests", "mypy lora_ckpt",
+             "python -m pytest -q"]
+    assert [steps.index(s) for s in order] == sorted(steps.index(s) for s in order)
     assert "lora-ckpt demo" in block[0]
 
 
