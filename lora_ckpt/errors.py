@@ -212,8 +212,10 @@ class LossyConversionError(ConversionError):
         self.dropped = dropped
 
 
-class VerificationError(LoraCkptError, AssertionError):
-    """Two adapters that do not compute the same update."""
+class VerificationError(LoraCkptError, RuntimeError):
+    """A result checked after the fact that does not reproduce what it must (a written adapter read
+    back, the demo's stock-vs-LoRA logits): a defect found at run time, not bad input. Not an
+    ``AssertionError``, which callers and test runners read as a failed assertion of their own."""
 
     exit_code = 3
 
