@@ -7,7 +7,6 @@ import io
 import json
 import os
 import struct
-import zipfile
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -91,12 +90,8 @@ def test_pickle_index_mutated(tmp_path, pos, byte):
     data[pos] = byte
     p = tmp_path / "x.pt"
     p.write_bytes(bytes(data))
-    try:
+    with contextlib.suppress(LoraCkptError):  # anything else (zipfile.BadZipFile...) fails the test
         tensor_index(p)
-    except LoraCkptError:
-        pass
-    except zipfile.BadZipFile:  # pragma: no cover - must be wrapped
-        raise
 
 
 @SETTINGS
