@@ -232,7 +232,7 @@ class _Planner:
         if o.lora is not None:
             self._problem("several adapter modules target one weight", key)
             return
-        src_dtype = (o.src.dtype if o.src is not None else None if o.tensor is None else _CODE.get(o.tensor.dtype))
+        src_dtype = o.src.dtype if o.src is not None else None if o.tensor is None else _CODE.get(o.tensor.dtype)
         if src_dtype not in FLOAT_CODES:
             self._problem("targets are not float tensors (a quantised base? merge needs a float one)",
                           f"{key} ({o.dtype})")
