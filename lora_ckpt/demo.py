@@ -13,8 +13,8 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .errors import VerificationError
-from .files import PathLike
 from .inject import adapter_state_dict, inject_lora, stock_state_dict
+from .io import PathLike
 
 __all__ = ["MetaTransformer", "run_demo"]
 
