@@ -46,16 +46,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .adapter import ModuleLoRA
+from .adapter import Adapter, ModuleLoRA
 from .errors import ConversionError, LayoutError, ShapeMismatchError, UnsupportedAdapterError
-from .families import Family, template_regex
+from .families import FAMILIES, Family, template_regex
 from .io import TensorMeta
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["EXPERT_PARTS", "PARAM_ORDER", "TRANSPOSED_MODEL_TYPES", "ExpertLoRA", "describe", "expert_parts",
-           "from_peft", "join_experts", "peft_nesting", "split_experts", "to_peft"]
+           "from_peft", "join_experts", "peft_nesting", "per_expert_view", "split_experts", "to_peft"]
 
 #: model types whose experts are decorated ``use_experts_implementation(is_transposed=True)``: (E, in, out)
 TRANSPOSED_MODEL_TYPES = ("gpt_oss", "aria", "aria_text", "openai_privacy_filter")
@@ -266,6 +266,23 @@ def join_experts(modules: Mapping[str, ModuleLoRA], family: Family | None, *, n_
                 A[e], B[e] = p.A, p.B
             out[key] = ExpertLoRA(A=A, B=B, scale=scale)
     return out, used
+
+
+def per_expert_view(adapter: Adapter) -> Adapter:
+    """``adapter`` with its fused expert LoRA as per-expert 2-D modules (views, no copies): the
+    family's per-expert names where lora-ckpt knows them (so a fused adapter compares equal to its
+    per-expert conversion), else ``<parameter>.<e>``. Used to verify expert LoRA expert by expert."""
+    if not adapter.experts:
+        return adapter
+    cfg = adapter.meta.model_config
+    family = cfg.family if cfg and cfg.family else FAMILIES.get(adapter.meta.family or "")
+    modules = dict(adapter.modules)
+    for key, x in adapter.experts.items():
+        if expert_parts(family, key) is not None and not x.transposed:
+            modules.update(split_experts({key: x}, family, layout="verify"))
+        else:
+            modules.update({f"{key}.{e}": x.expert(e) for e in range(x.num_experts)})
+    return replace(adapter, modules=modules, experts={})
 
 
 def describe(experts: Mapping[str, ExpertLoRA], limit: int = 3) -> str:
