@@ -124,7 +124,8 @@ class Adapter:
     @property
     def dtype(self) -> torch.dtype | None:
         """The most common dtype of the adapter factors."""
-        counts = Counter(t.dtype for m in [*self.modules.values(), *self.experts.values()] for t in (m.A, m.B))
+        counts = Counter(t.dtype for m in self.modules.values() for t in (m.A, m.B))
+        counts.update(t.dtype for x in self.experts.values() for t in (x.A, x.B))
         return counts.most_common(1)[0][0] if counts else None
 
     @property

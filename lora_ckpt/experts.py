@@ -158,8 +158,8 @@ def from_peft(A: Any, B: Any, r: int, *, name: str, scale: float = 1.0, transpos
             "expected lora_A (r·E, in) and lora_B (out, r·E) with the config's per-expert r")
     E = A.shape[0] // r
     if _meta(A):
-        return ExpertLoRA(A=TensorMeta((E, r, A.shape[1]), A.dtype), B=TensorMeta((E, B.shape[0], r), B.dtype),  # type: ignore[arg-type]
-                          scale=scale, transposed=transposed)
+        shapes: Any = (TensorMeta((E, r, A.shape[1]), A.dtype), TensorMeta((E, B.shape[0], r), B.dtype))
+        return ExpertLoRA(A=shapes[0], B=shapes[1], scale=scale, transposed=transposed)
     return ExpertLoRA(A=A.reshape(E, r, A.shape[1]), B=B.reshape(B.shape[0], r, E).permute(2, 0, 1), scale=scale,
                       transposed=transposed)
 
@@ -240,10 +240,10 @@ def join_experts(modules: Mapping[str, ModuleLoRA], family: Family | None, *, n_
             for i, t in enumerate(templates):
                 hit = template_regex(t).fullmatch(name)
                 if hit:
-                    *layer, e = hit.groups()
-                    found.setdefault(tuple(layer), {}).setdefault(int(e), {})[i] = name
-        for layer, by_expert in sorted(found.items()):
-            key = fused.format(*layer)
+                    groups = hit.groups()
+                    found.setdefault(groups[:-1], {}).setdefault(int(groups[-1]), {})[i] = name
+        for layer_groups, by_expert in sorted(found.items()):
+            key = fused.format(*layer_groups)
             parts: dict[int, ModuleLoRA] = {}
             for e, names in by_expert.items():
                 mods = [modules[names[i]] if i in names else None for i in range(len(templates))]

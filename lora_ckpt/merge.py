@@ -406,7 +406,8 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
         _companions(base_path, tmp, raw, dtype=dtype, untied=planner.untied)
         if to == "meta" and cfg is not None:  # (a rename without a config was refused by the planner)
             (tmp / "params.json").write_text(json.dumps(params_json(cfg), indent=4))
-    res = MergeResult(Path(out), to, sum(o.lora is not None or o.experts is not None for o in plan), planner.replaced, len(plan), total,
+    merged = sum(o.lora is not None or o.experts is not None for o in plan)
+    res = MergeResult(Path(out), to, merged, planner.replaced, len(plan), total,
                       names, time.perf_counter() - t0, list(ad.meta.notes))
     logger.info("%s", res.summary())
     return res

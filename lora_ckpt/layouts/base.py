@@ -286,7 +286,7 @@ class Layout(LayoutSpec):
         joined into fused experts, or refused (dropped with ``allow_lossy``), all exactly."""
         cfg = opts.base_config or adapter.meta.model_config
         family = cfg.family if cfg else FAMILIES.get(adapter.meta.family or "")
-        form = self.expert_form
+        form: str = self.expert_form
         if form == "stacked" and opts.experts != "keep":
             form = opts.experts
         if form == "fused":

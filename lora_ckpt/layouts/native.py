@@ -54,7 +54,8 @@ class NativeLayout(Layout):
 
     def read_experts(self, src: Source, opts: ReadOptions) -> tuple[dict[str, ExpertLoRA], set[str]]:
         meta = self._meta(src) or {}
-        experts, used = {}, set()
+        experts: dict[str, ExpertLoRA] = {}
+        used: set[str] = set()
         for name, info in (meta.get("experts") or {}).items():
             keys = (f"{name}.lora_A", f"{name}.lora_B")
             if not all(k in src.index for k in keys) or not isinstance(info, dict) or "scale" not in info:
