@@ -238,3 +238,32 @@ def test_merge_equals_peft_merge_and_unload(moe, tmp_path, fused_base):
         "model.layers.0.block_sparse_moe.experts.0.w1.weight" if family == "mixtral"
         else "model.layers.0.mlp.experts.0.gate_proj.weight")
     assert on_disk in keys  # the base's own names
+
+
+def test_one_targeted_parameter_without_target_modules(tmp_path):
+    """Only gate_up_proj targeted (no nesting: ``experts.lora_A.weight``), no target_modules."""
+    from peft import LoraConfig, get_peft_model
+
+    _base("qwen3_moe").save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(_base("qwen3_moe"), LoraConfig(r=3, lora_alpha=6, target_parameters=["gate_up_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_()
+    model.save_pretrained(tmp_path / "ad")
+    adapter = load_adapter(tmp_path / "ad")
+    assert not adapter.modules and sorted(adapter.experts) == [f"model.layers.{i}.mlp.experts.gate_up_proj"
+                                                               for i in (0, 1)]
+    x, wrapper = adapter.experts["model.layers.1.mlp.experts.gate_up_proj"], model.base_model.model.model.layers[1]
+    torch.testing.assert_close(torch.stack([x.delta(e) for e in range(E)]),
+                               wrapper.mlp.experts.get_delta_weight("default"), rtol=1e-6, atol=1e-7)
+    cfg = tmp_path / "base" / "config.json"
+    convert(tmp_path / "ad", tmp_path / "mlx", to="mlx", base_config=cfg)
+    convert(tmp_path / "mlx", tmp_path / "back", to="peft", base_config=cfg, experts="fused")
+    assert (tmp_path / "back" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
+    written = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert written["target_parameters"] == ["mlp.experts.gate_up_proj"] and written["r"] == 3
+    torch.testing.assert_close(_peft_logits("qwen3_moe", tmp_path / "back"), _peft_logits("qwen3_moe", tmp_path / "ad"))

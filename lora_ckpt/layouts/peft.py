@@ -226,7 +226,7 @@ def with_experts(cfg: dict[str, Any], adapter: Adapter, opts: WriteOptions) -> d
         ranks = Counter(x.rank for x in adapter.experts.values())
         cfg["r"] = ranks.most_common(1)[0][0]
         cfg["lora_alpha"] = Counter(alpha_for(x.scale, x.rank) for x in adapter.experts.values()).most_common(1)[0][0]
-        cfg["target_modules"] = None
+        cfg["target_modules"] = []  # as PEFT 0.21.2 writes an experts-only config
     for name, x in adapter.experts.items():
         if x.rank != cfg["r"]:
             cfg["rank_pattern"][name] = x.rank
@@ -322,7 +322,7 @@ def target_modules(names: list[str], opts: WriteOptions, *, relative: bool = Fal
     every leaf type covers every layer, else the full names: PEFT then wraps exactly the modules
     the file holds (no zero-B modules, no missing-key warnings)."""
     by_leaf = _blocks_by_leaf(names)
-    if by_leaf is None:
+    if by_leaf is None or not names:
         return sorted(names)
     n_layers = opts.base_config.n_layers if opts.base_config is not None else None
     covered = {frozenset(v) for v in by_leaf.values()}
