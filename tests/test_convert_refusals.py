@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peers as P
-from test_convert_roundtrip import PEFT_FIXTURES, family_of, tree_hash
 from lora_ckpt.conversion import compare_adapters, convert, verify
 from lora_ckpt.errors import (
     AmbiguousLayoutError,
@@ -32,6 +31,7 @@ from lora_ckpt.errors import (
     UsageError,
 )
 from lora_ckpt.layouts import LAYOUTS, detect_layout, load_adapter
+from test_convert_roundtrip import PEFT_FIXTURES, family_of, tree_hash
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

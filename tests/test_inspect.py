@@ -18,7 +18,7 @@ FIX = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def test_cli_layout_choices_and_help_come_from_the_registry(capsys):
-    assert LAYOUT_NAMES == list(LAYOUTS)
+    assert list(LAYOUTS) == LAYOUT_NAMES
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     out = capsys.readouterr().out
@@ -163,6 +163,8 @@ def test_convert_refuses_output_its_reader_does_not_reproduce(tmp_path, monkeypa
             m.B = m.B * 2
 
     monkeypatch.setattr(PeftLayout, "read_meta", skewed)
-    with pytest.raises(VerificationError, match="does not reproduce the source"):
+    with pytest.raises(VerificationError, match="does not reproduce the source") as info:
         convert(FIX / "torchtune/llama-lora/epoch_0", tmp_path / "out", to="peft")
     assert list(tmp_path.iterdir()) == []
+    # a defect found at run time: RuntimeError, not AssertionError
+    assert isinstance(info.value, RuntimeError) and not isinstance(info.value, AssertionError)
