@@ -99,7 +99,8 @@ def check_source(source: PathLike, *, target: str, layout: str | None = None, ba
         LoraCkptError: the source cannot be read at all (its own message says why).
     """
     _target(target)
-    adapter = load_adapter(source, layout=layout, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config)
+    adapter = load_adapter(source, layout=layout, base_config=base_config, alpha=alpha,
+                           resolve_base_config=fetch_model_config)
     root = Path(source) if Path(source).is_dir() else Path(source).parent
     if adapter.meta.source_layout == "torchtune" and TARGETS[target] == "peft":
         export = torchtune_export(root, adapter)
@@ -317,8 +318,8 @@ def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys
         ranks = adapter.ranks()
         if cfg.get("use_rslora") and len(ranks) == 1 and not cfg.get("alpha_pattern"):
             r = next(iter(ranks))
-            fix = (f"llama.cpp ignores use_rslora: set lora_alpha to alpha*sqrt(r) = {alpha_for(alpha / math.sqrt(r), r)} "
-                   "and use_rslora to false")
+            fix = (f"llama.cpp ignores use_rslora: set lora_alpha to alpha*sqrt(r) = "
+                   f"{alpha_for(alpha / math.sqrt(r), r)} and use_rslora to false")
         else:
             fix = (f"fold the per-module scales into lora_B under one rank and alpha: lora-ckpt convert {source} --to "
                    "loralib -o TMP && lora-ckpt convert TMP --to peft -o OUT (exact up to float32 rounding, verified)")
@@ -369,8 +370,8 @@ def _layout_limits(adapter: Adapter, layout: str, add: Any, source: str) -> None
 def _torchtune(adapter: Adapter, add: Any, source: str) -> None:
     _layout_limits(adapter, "torchtune", add, source)
     if len(adapter.ranks()) > 1 or len(adapter.scales()) > 1:
-        add(Finding("warning", f"ranks {sorted(adapter.ranks())} / scales {sorted(adapter.scales())}: torchtune has one "
-                    "rank and alpha; the conversion zero-pads ranks and folds scales into lora_b (exact)"))
+        add(Finding("warning", f"ranks {sorted(adapter.ranks())} / scales {sorted(adapter.scales())}: torchtune has "
+                    "one rank and alpha; the conversion zero-pads ranks and folds scales into lora_b (exact)"))
     if adapter.uses_dora:
         add(Finding("warning", "DoRA: torchtune's distributed recipe re-initialises magnitudes when resuming"))
     add(Finding("warning", "torchtune loads an adapter only when resuming its run (recipe_state.pt beside "

@@ -64,7 +64,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dtype(name: str | None):  # noqa: ANN202 - torch is imported lazily
+def _dtype(name: str | None):
     if name is None:
         return None
     import torch  # torch-free --help and inspect
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dtypes and warnings; for a stock checkpoint, tensors, dtypes and parameters. "
                                    "Reads safetensors headers only.",
                        epilog="examples:\n  lora-ckpt inspect adapter_model.safetensors\n"
-                              "  lora-ckpt inspect epoch_0/ --json", formatter_class=argparse.RawDescriptionHelpFormatter)
+                              "  lora-ckpt inspect epoch_0/ --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a file or directory (or hf://ORG/NAME[@REV][/SUBDIR])")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--values", action="store_true", help="scan tensor values for NaN/Inf whatever the file size "

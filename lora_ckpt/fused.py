@@ -107,7 +107,7 @@ def fuse(parts: Sequence[ModuleLoRA | None], sizes: Sequence[int]) -> ModuleLoRA
             A = torch.cat([p.A for p in present])
             B = torch.zeros(sum(sizes), A.shape[0], dtype=first.B.dtype)
             row, col = 0, 0
-            for p, size in zip(parts, sizes):
+            for p, size in zip(parts, sizes, strict=False):
                 if p is not None:
                     B[row:row + size, col:col + p.rank] = p.B
                     col += p.rank
@@ -116,7 +116,7 @@ def fuse(parts: Sequence[ModuleLoRA | None], sizes: Sequence[int]) -> ModuleLoRA
     bias = None
     if any(p is not None and p.bias is not None for p in parts):
         bias = _cat([_zeros_like_rows(p.bias if p is not None else None, size, first.B)
-                     for p, size in zip(parts, sizes)])
+                     for p, size in zip(parts, sizes, strict=False)])
     return ModuleLoRA(A=A, B=B, scale=scale, magnitude=magnitude, bias=bias, kind=first.kind,
                       fan_in_fan_out=first.fan_in_fan_out)
 
@@ -143,7 +143,7 @@ def group(parts: Sequence[ModuleLoRA | None], in_features: int) -> tuple[torch.T
 def ungroup(A: Any, B: Any, sizes: Sequence[int], enabled: Sequence[bool], scale: float) -> list[ModuleLoRA | None]:
     """Grouped ``(A (r·n, in), B (Σ enabled out, r))`` -> one module per part (None where disabled)."""
     n = sum(enabled)
-    outs = [s for s, e in zip(sizes, enabled) if e]
+    outs = [s for s, e in zip(sizes, enabled, strict=False) if e]
     if n == 0 or A.shape[0] % n or B.shape[0] != sum(outs) or A.shape[0] // n != B.shape[1]:
         raise LayoutError(
             f"a grouped fused LoRA with lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} does not fit "
@@ -152,7 +152,7 @@ def ungroup(A: Any, B: Any, sizes: Sequence[int], enabled: Sequence[bool], scale
     r = A.shape[0] // n
     out: list[ModuleLoRA | None] = []
     group_i, row = 0, 0
-    for size, on in zip(sizes, enabled):
+    for size, on in zip(sizes, enabled, strict=False):
         if not on:
             out.append(None)
             continue
@@ -196,7 +196,7 @@ def separate(fused_entries: Sequence[Fused], modules: dict[str, ModuleLoRA], cfg
                 parts: Sequence[ModuleLoRA | None] = ungroup(m.A, m.B, sizes, on, m.scale)
             else:
                 parts = split(m, fe.sizes(cfg, m.out_features))
-            for template, part in zip(dst, parts):
+            for template, part in zip(dst, parts, strict=False):
                 if part is not None:
                     out[template.format(*hit.groups())] = part
             used.add(name)
@@ -233,11 +233,12 @@ def join(fused_entries: Sequence[Fused], modules: dict[str, ModuleLoRA], cfg: Mo
             first = next(p for p in parts if p is not None)
             sizes = (tuple(p.out_features for p in parts) if all(p is not None for p in parts) and cfg is None  # type: ignore[union-attr]
                      else fe.sizes(cfg, _total_from_parts(fe, cfg, parts)))
-            if any(p is not None and p.out_features != size for p, size in zip(parts, sizes)):
+            if any(p is not None and p.out_features != size for p, size in zip(parts, sizes, strict=False)):
                 raise ConversionError(f"{dst[0].format(*key)}: parts with {[p and p.out_features for p in parts]} rows "
                                       f"do not fit the fused rows {tuple(sizes)}")
             if grouped:
-                filled = [p if p is not None else _zero(first, size) for p, size, e in zip(parts, sizes, on) if e]
+                filled = [p if p is not None else _zero(first, size)
+                          for p, size, e in zip(parts, sizes, on, strict=False) if e]
                 A, B = group(filled, first.A.shape[1])
                 out[dst[0].format(*key)] = ModuleLoRA(A=A, B=B, scale=first.scale)
             else:
@@ -266,7 +267,7 @@ def _total_from_parts(fe: Fused, cfg: ModelConfig | None, parts: Sequence[Module
 def _infer_enabled(name: str, sizes: Sequence[int], m: ModuleLoRA) -> tuple[bool, ...]:
     """The enabled parts of a grouped module from its B rows, when only one subset fits."""
     n = len(sizes)
-    fits = [mask for mask in _masks(n) if sum(s for s, e in zip(sizes, mask) if e) == m.B.shape[0]
+    fits = [mask for mask in _masks(n) if sum(s for s, e in zip(sizes, mask, strict=False) if e) == m.B.shape[0]
             and m.A.shape[0] % sum(mask) == 0 and m.A.shape[0] // sum(mask) == m.B.shape[1]]
     if len(fits) != 1:
         raise LayoutError(

@@ -61,7 +61,7 @@ class CheckpointReport:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for m, rep in zip(d["lora_modules"], self.lora_modules):
+        for m, rep in zip(d["lora_modules"], self.lora_modules, strict=False):
             m["rank"] = rep.rank
         return d
 
@@ -87,7 +87,7 @@ def inspect_checkpoint(source: PathLike) -> CheckpointReport:
     modules: dict[str, ModuleReport] = {}
     others = []
     params = 0
-    for name, dtype, shape, nbytes in sorted(entries):
+    for name, dtype, shape, _nbytes in sorted(entries):
         n = 1
         for d in shape:
             n *= d
@@ -126,13 +126,13 @@ def format_report(rep: CheckpointReport | AdapterReport, *, limit: int = 20) -> 
         rows = [("module", "rank", "tensors")] + [
             (m.module, str(m.rank if m.rank is not None else "-"),
              ", ".join(f"{leaf} {tuple(s)}" for leaf, s in m.leaves.items())) for m in rep.lora_modules[:limit]]
-        lines += [""] + _table(rows)
+        lines += ["", *_table(rows)]
         if len(rep.lora_modules) > limit:
             lines.append(f"... and {len(rep.lora_modules) - limit} more module(s) (--json lists all)")
     if rep.other_tensors:
         rows = [("tensor", "dtype", "shape")] + [(n, _dtype_name(d), str(tuple(s)))
                                                  for n, d, s in rep.other_tensors[:limit]]
-        lines += [""] + _table(rows)
+        lines += ["", *_table(rows)]
         if len(rep.other_tensors) > limit:
             lines.append(f"... and {len(rep.other_tensors) - limit} more tensor(s) (--json lists all)")
     return "\n".join(lines)
@@ -140,7 +140,7 @@ def format_report(rep: CheckpointReport | AdapterReport, *, limit: int = 20) -> 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
 
 
 def _human(n: int) -> str:
@@ -270,7 +270,8 @@ def _format_adapter(rep: AdapterReport, limit: int) -> str:
              f"layout      {rep.layout} ({rep.reason})",
              f"family      {rep.family or 'unknown (pass --base-config)'}"
              + (f"; base model {rep.base_model}" if rep.base_model else ""),
-             f"modules     {len(rep.modules)}" + (" (DoRA)" if rep.dora else "") + (" (lora bias)" if rep.lora_bias else ""),
+             f"modules     {len(rep.modules)}" + (" (DoRA)" if rep.dora else "")
+             + (" (lora bias)" if rep.lora_bias else ""),
              "ranks       " + ", ".join(f"{r} x{n}" for r, n in sorted(rep.ranks.items())),
              f"scales      {fmt_scales}",
              "dtypes      " + ", ".join(f"{k} x{v}" for k, v in sorted(rep.dtypes.items())),
@@ -283,15 +284,15 @@ def _format_adapter(rep: AdapterReport, limit: int) -> str:
                               "embedding" if m["kind"] == "embedding" else "") if x))
         for m in rep.modules[:limit]]
     if rep.modules:
-        lines += [""] + _table(rows)
+        lines += ["", *_table(rows)]
     if len(rep.modules) > limit:
         lines.append(f"... and {len(rep.modules) - limit} more module(s) (--json lists all)")
     if rep.experts:
         lines += ["", f"MoE experts: {len(rep.experts)} fused parameter(s) (PEFT target_parameters), per expert "
                   "A_e = lora_A[e*r:(e+1)*r], B_e = lora_B[:, e::E]"]
-        lines += _table([("parameter", "E", "rank/expert", "scale", "in -> out", "projections")] + [
+        lines += _table([("parameter", "E", "rank/expert", "scale", "in -> out", "projections"), *[
             (x["parameter"], str(x["experts"]), str(x["rank"]), f"{x['scale']:g}", f"{x['in']} -> {x['out']}",
-             "+".join(x["projections"])) for x in rep.experts[:limit]])
+             "+".join(x["projections"])) for x in rep.experts[:limit]]])
         if len(rep.experts) > limit:
             lines.append(f"... and {len(rep.experts) - limit} more expert parameter(s) (--json lists all)")
     lines += [f"warning: {w}" for w in rep.warnings]

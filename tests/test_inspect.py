@@ -18,7 +18,7 @@ FIX = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def test_cli_layout_choices_and_help_come_from_the_registry(capsys):
-    assert LAYOUT_NAMES == list(LAYOUTS)
+    assert list(LAYOUTS) == LAYOUT_NAMES
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     out = capsys.readouterr().out

@@ -212,8 +212,9 @@ class Layout(LayoutSpec):
         stray = [k for k in extra if re.search(rf"\.({self.leaf_pattern()})$", k)]
         if stray:
             raise LayoutError(
-                f"{src.path}: adapter tensor(s) without the {self.name} key prefix {self.prefix!r}: {quote_list(stray)}; "
-                "consumers ignore such keys silently; fix the prefix (or pass --from with the right layout)",
+                f"{src.path}: adapter tensor(s) without the {self.name} key prefix {self.prefix!r}: "
+                f"{quote_list(stray)}; consumers ignore such keys silently; fix the prefix (or pass --from with the "
+                "right layout)",
                 layout=self.name, path=str(src.path))
         if extra and "extra" not in self.features:
             raise LayoutError(

@@ -26,8 +26,9 @@ class NativeLayout(Layout):
     order = 10
     summary = "lora-ckpt's own lora_adapter.safetensors (LoRALinear keys, scales in the header)"
     weight_files = ("lora_adapter.safetensors",)
-    leaves: ClassVar[dict[Role, str]] = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude", "bias": "lora_B.bias",
-              "emb_A": "lora_embedding_A.weight", "emb_B": "lora_embedding_B.weight"}
+    leaves: ClassVar[dict[Role, str]] = {
+        "A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude", "bias": "lora_B.bias",
+        "emb_A": "lora_embedding_A.weight", "emb_B": "lora_embedding_B.weight"}
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
     expert_form = "stacked"  # <param>.lora_A (E, r, in), <param>.lora_B (E, out, r); scales in the header
 
@@ -101,6 +102,7 @@ class NativeLayout(Layout):
             meta["experts"] = {n: {"scale": x.scale, "transposed": x.transposed}
                                for n, x in adapter.experts.items()}
         out.mkdir(parents=True, exist_ok=True)
-        save_tensors(self.tensors_for(adapter, opts.base_config or adapter.meta.model_config), out / self.weight_files[0],
+        tensors = self.tensors_for(adapter, opts.base_config or adapter.meta.model_config)
+        save_tensors(tensors, out / self.weight_files[0],
                      metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
         return adapter

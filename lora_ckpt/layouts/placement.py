@@ -49,8 +49,9 @@ def fill_every_layer(adapter: Adapter, cfg: ModelConfig | None, *, layout: str) 
         return adapter
     if adapter.uses_dora:
         raise ConversionError(
-            f"{layout} adapts every layer (and all MLP projections) but this DoRA adapter lacks {quote_list(list(missing), 3)}; "
-            "zeros are not a no-op for DoRA; convert to a layout that keeps placement (peft, native)")
+            f"{layout} adapts every layer (and all MLP projections) but this DoRA adapter lacks "
+            f"{quote_list(list(missing), 3)}; zeros are not a no-op for DoRA; convert to a layout that keeps "
+            "placement (peft, native)")
     ref = next(iter(adapter.modules.values()))
     fill: dict[str, ModuleLoRA] = {}
     for name, rest in missing.items():
