@@ -32,6 +32,7 @@ __all__ = ["ConvertResult", "VerifyReport", "compare_adapters", "convert", "veri
 logger = logging.getLogger(__name__)
 
 EXPLICIT_LIMIT = 1 << 22  # out*in up to 4M elements: compare ΔW explicitly
+RELEASE_BYTES = 1 << 26  # verification releases mapped pages every 64 MB of compared factors
 
 
 @dataclass
@@ -233,11 +234,19 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
                            resolve_base_config=fetch_model_config)
     reports: list[VerifyReport] = []
 
-    def release(*mods: Any) -> None:  # memory-mapped pages leave RSS as soon as a module is done
-        release_file_pages(t for m in mods for t in (m.A, m.B, getattr(m, "magnitude", None), getattr(m, "bias", None)))
+    pending: list[torch.Tensor] = []
+
+    def release(*mods: Any, flush: bool = False) -> None:
+        """Memory-mapped pages leave RSS once modules are done, in batches of RELEASE_BYTES (one
+        /proc/self/maps read per batch: per-expert views of MoE adapters are thousands of small modules)."""
+        pending.extend(t for m in mods for t in (m.A, m.B, getattr(m, "magnitude", None), getattr(m, "bias", None))
+                       if t is not None)
+        if flush or sum(t.numel() * t.element_size() for t in pending) >= RELEASE_BYTES:
+            release_file_pages(pending)
+            pending.clear()
 
     def check(tmp: Path, written: Adapter) -> None:
-        release(*adapter.modules.values(), *adapter.experts.values())  # the write touched every source page
+        release(*adapter.modules.values(), *adapter.experts.values(), flush=True)  # the write touched every page
         # no NaN/Inf scan of the read-back: the bitwise comparison with the scanned source covers it
         back = load_adapter(tmp, layout=to, base_config=base_config or written.meta.model_config, scan_values=False,
                             resolve_base_config=fetch_model_config)
@@ -251,6 +260,7 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
                                 after_module=release)
         fold.problems += [f"{n}: written but not in the source, and not zero" for n, m in written.modules.items()
                           if n not in expected.modules and not _noop(m)]
+        release(flush=True)
         report.worst = max(report.worst, fold.worst)
         report.problems += fold.problems
         reports.append(report)

@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..experts import ExpertLoRA, describe, join_experts, split_experts
 from ..families import FAMILIES, Family, Fused, ModelConfig, NameMap, model_config_from_dict
-from ..io import nonfinite, read_json, save_tensors
+from ..io import nonfinite, read_json, release_file_pages, save_tensors
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 from .lossy import drop_unsupported, lossy_parts
 from .placement import drop_zero_modules, fill_every_layer
@@ -40,6 +40,13 @@ if TYPE_CHECKING:
 __all__ = ["Layout", "ReadOptions", "Source", "WriteOptions", "nonfinite", "save_tensors"]
 
 logger = logging.getLogger(__name__)
+
+
+def release_source_pages(adapter: Adapter) -> None:
+    """Drop the resident pages of the adapter's memory-mapped source tensors once the output
+    tensors are built (copies, where the layout reorders): the write then holds one copy, not two."""
+    release_file_pages([*(t for m in adapter.modules.values() for t in (m.A, m.B)),
+                        *(t for x in adapter.experts.values() for t in (x.A, x.B))])
 
 
 class Layout(LayoutSpec):
@@ -374,6 +381,7 @@ class Layout(LayoutSpec):
         adapter = self.prepare(adapter, opts)
         model_cfg = opts.base_config or adapter.meta.model_config
         tensors = self.tensors_for(adapter, model_cfg)
+        release_source_pages(adapter)
         out.mkdir(parents=True, exist_ok=True)
         if self.container_key:
             tensors = {self.container_key: tensors}  # type: ignore[dict-item]

@@ -13,7 +13,7 @@ from ..adapter import Adapter
 from ..errors import ConfigError, LayoutError, MissingConfigError
 from ..experts import ExpertLoRA
 from ..io import read_safetensors_header, save_tensors
-from .base import Layout
+from .base import Layout, release_source_pages
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, Role
 
@@ -103,6 +103,7 @@ class NativeLayout(Layout):
                                for n, x in adapter.experts.items()}
         out.mkdir(parents=True, exist_ok=True)
         tensors = self.tensors_for(adapter, opts.base_config or adapter.meta.model_config)
+        release_source_pages(adapter)
         save_tensors(tensors, out / self.weight_files[0],
                      metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
         return adapter
