@@ -1,0 +1,300 @@
+"""Triton kernels for torchao ``NF4Tensor`` weights: exact dequantization and a fused decode matmul.
+
+A torchao NF4 weight of ``numel`` values stores, in flat row-major order:
+
+- ``quantized_data``: ``numel // 2`` uint8, two 4-bit codes each (high nibble = the even element);
+- ``quantized_scalers``: one int8 per quantization block of ``block_size`` values (64 by default);
+- ``quantization_factor``: one factor per group of ``scaler_block_size`` blocks (256 by default);
+- ``scaler_mean`` (a 0-d tensor) and ``nf4`` (the 16-entry codebook), both in the weight's dtype.
+
+torchao's ``get_original_weight`` computes, with every op in the weight's dtype ``D`` (torch evaluates
+each op in float32 and rounds the result to ``D``)::
+
+    scaler = (q_scaler / factor) + mean          # two ops, each rounded to D
+    value  = nf4[code] * scaler                  # rounded to D, then cast to the requested dtype
+
+The kernels below redo exactly that: float32 arithmetic, a correctly rounded division (``div_rn``) and a
+round-to-nearest-even to ``D`` after each op, so the result is bit-identical to ``NF4Tensor.to(dtype)``.
+The rounding to bfloat16 is done on the bits (not with a cast) because Triton's interpreter truncates in
+its bfloat16 cast while the GPU rounds to nearest: the bit version gives one answer on both.
+
+Entry points: :func:`dequantize` and :func:`nf4_linear` (autograd: the input gradient dequantizes again,
+nothing but the quantized weight is kept for backward). On CPU, or where Triton is not installed, both
+fall back to torchao's own path, which gives the same results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU wheels have none.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+__all__ = ["dequantize", "nf4_linear", "triton_enabled"]
+
+logger = logging.getLogger(__name__)
+
+#: Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (this is how CI tests them).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: Token counts up to this take the fused dequantize-in-the-matmul kernel (decode); more take dequant + GEMM.
+DECODE_MAX_TOKENS = 64
+# Dtype codes passed to the kernels as constexprs.
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def triton_enabled(device: torch.device | str) -> bool:
+    """Whether the Triton kernels serve tensors on ``device``.
+
+    Args:
+        device: the device of the NF4 weight.
+
+    Returns:
+        True on CUDA when Triton is importable (and on any device under ``TRITON_INTERPRET=1``).
+    """
+    return triton is not None and (torch.device(device).type == "cuda" or _INTERPRET)
+
+
+def _check_nf4(weight: Any) -> None:
+    from torchao.dtypes.nf4tensor import NF4Tensor
+
+    from .errors import UsageError
+
+    if not isinstance(weight, NF4Tensor):
+        raise UsageError(f"expected a torchao NF4Tensor weight, found {type(weight).__name__}; quantize it with to_nf4")
+
+
+def _kernel_ok(weight: Any, dtype: torch.dtype) -> bool:
+    """The kernels cover contiguous weights with power-of-two blocks and float dtypes; else torchao's path."""
+    bs = weight.block_size
+    return (
+        triton_enabled(weight.device)
+        and weight.is_contiguous()
+        and dtype in _CODES
+        and weight.dtype in _CODES
+        and bs >= 2
+        and bs & (bs - 1) == 0
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round(x, CODE: tl.constexpr):
+        """Round float32 ``x`` to dtype ``CODE``'s precision (nearest, ties to even); the result stays float32."""
+        if CODE == 1:  # bfloat16: keep the top 16 bits, rounding on the bits (NaN passed through)
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        elif CODE == 2:  # float16: the cast rounds to nearest-even on GPU and in the interpreter
+            return x.to(tl.float16).to(tl.float32)
+        else:
+            return x
+
+    @triton.jit
+    def _block_scalers(qs_ptr, qf_ptr, mean_ptr, blk, mask, SCALER_BLOCK: tl.constexpr, BASE: tl.constexpr):
+        """torchao's ``dequantize_scalers`` for the quantization blocks ``blk``, op by op in the base dtype."""
+        q = tl.load(qs_ptr + blk, mask=mask, other=0).to(tl.float32)
+        f = tl.where(mask, tl.load(qf_ptr + blk // SCALER_BLOCK, mask=mask).to(tl.float32), 1.0)
+        mean = tl.load(mean_ptr).to(tl.float32)
+        return _round(_round(tl.math.div_rn(q, f), BASE) + mean, BASE)
+
+    @triton.jit
+    def _dequant_kernel(
+        qd_ptr, qs_ptr, qf_ptr, mean_ptr, lut_ptr, out_ptr, n_blocks,
+        BLOCK_SIZE: tl.constexpr, SCALER_BLOCK: tl.constexpr, ROWS: tl.constexpr,
+        BASE: tl.constexpr, OUT: tl.constexpr,
+    ):  # fmt: skip
+        """One program owns ``ROWS`` consecutive quantization blocks: ``ROWS * BLOCK_SIZE / 2`` bytes in,
+        ``ROWS * BLOCK_SIZE`` values out. Tiles are (block, byte-in-block), so each block's scaler is computed
+        once and broadcast along its row; the two nibbles are interleaved back with join + reshape, so the
+        store is one contiguous, coalesced run."""
+        HALF: tl.constexpr = BLOCK_SIZE // 2
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < n_blocks
+        packed = tl.load(qd_ptr + rows[:, None] * HALF + tl.arange(0, HALF)[None, :], mask=rmask[:, None], other=0)
+        scale = _block_scalers(qs_ptr, qf_ptr, mean_ptr, rows, rmask, SCALER_BLOCK, BASE)[:, None]
+        hi = _round(tl.load(lut_ptr + (packed >> 4)).to(tl.float32) * scale, BASE)
+        lo = _round(tl.load(lut_ptr + (packed & 15)).to(tl.float32) * scale, BASE)
+        vals = _round(tl.reshape(tl.join(hi, lo), (ROWS, BLOCK_SIZE)), OUT)
+        offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
+        tl.store(out_ptr + offs, vals.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+    @triton.jit
+    def _decode_kernel(
+        x_ptr, qd_ptr, qs_ptr, qf_ptr, mean_ptr, lut_ptr, y_ptr, T, N, K,
+        BLOCK_SIZE: tl.constexpr, SCALER_BLOCK: tl.constexpr, BASE: tl.constexpr, OUT: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_K: tl.constexpr, DOT_F32: tl.constexpr,
+    ):  # fmt: skip
+        """``y[:, n0:n0+BLOCK_N] = x @ W[n0:n0+BLOCK_N].T`` with ``W`` dequantized tile by tile in registers.
+
+        One program owns ``BLOCK_N`` output features for all ``T <= BLOCK_T`` tokens and walks ``K`` in steps
+        of ``BLOCKS_K`` quantization blocks (``K % BLOCK_SIZE == 0``, so a block never straddles two rows).
+        The weight tile is loaded as (feature, block, byte) to compute one scaler per block. Instead of
+        interleaving the two nibbles, ``x`` is split into its even and odd columns: high nibbles meet even
+        columns, low nibbles odd ones, two ``tl.dot`` calls, float32 accumulation. The dequantized values
+        are the exact ``dequantize`` values, so only the summation order differs from dequant + matmul.
+        """
+        HALF: tl.constexpr = BLOCK_SIZE // 2
+        CK: tl.constexpr = BLOCKS_K * HALF  # byte columns (= pairs of weight columns) per step
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        t = tl.arange(0, BLOCK_T)
+        nmask = n < N
+        tmask = t < T
+        kb_per_row = K // BLOCK_SIZE
+        j = tl.arange(0, BLOCKS_K)
+        c = tl.arange(0, CK)
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for kb0 in range(0, kb_per_row, BLOCKS_K):
+            kmask = (kb0 + j) < kb_per_row
+            blk = n.to(tl.int64)[:, None] * kb_per_row + (kb0 + j)[None, :]  # (BLOCK_N, BLOCKS_K)
+            bmask = nmask[:, None] & kmask[None, :]
+            scale = _block_scalers(qs_ptr, qf_ptr, mean_ptr, blk, bmask, SCALER_BLOCK, BASE)[:, :, None]
+            byte = blk[:, :, None] * HALF + tl.arange(0, HALF)[None, None, :]
+            packed = tl.load(qd_ptr + byte, mask=bmask[:, :, None], other=0)
+            hi = _round(tl.load(lut_ptr + (packed >> 4)).to(tl.float32) * scale, BASE)
+            lo = _round(tl.load(lut_ptr + (packed & 15)).to(tl.float32) * scale, BASE)
+            hi = _round(tl.reshape(hi, (BLOCK_N, CK)), OUT)  # now exactly dequantize(W, x.dtype)
+            lo = _round(tl.reshape(lo, (BLOCK_N, CK)), OUT)
+            xcol = kb0 * BLOCK_SIZE + 2 * c  # the even input columns of this step
+            xmask = tmask[:, None] & ((kb0 + c // HALF) < kb_per_row)[None, :]
+            x_even = tl.load(x_ptr + t[:, None] * K + xcol[None, :], mask=xmask, other=0.0)
+            x_odd = tl.load(x_ptr + t[:, None] * K + xcol[None, :] + 1, mask=xmask, other=0.0)
+            if DOT_F32:  # Triton 3.9's interpreter multiplies bfloat16 dots wrongly; float32 products are exact
+                acc = tl.dot(x_even.to(tl.float32), tl.trans(hi), acc, input_precision="ieee")
+                acc = tl.dot(x_odd.to(tl.float32), tl.trans(lo), acc, input_precision="ieee")
+            else:
+                wdt = x_ptr.dtype.element_ty
+                acc = tl.dot(x_even, tl.trans(hi.to(wdt)), acc)
+                acc = tl.dot(x_odd, tl.trans(lo.to(wdt)), acc)
+        ymask = tmask[:, None] & nmask[None, :]
+        tl.store(y_ptr + t[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+#: Launch shapes. Dequant: 128 blocks of 64 = 8192 values (16 KiB of bf16) per program, enough bytes in
+#: flight per SM to cover HBM latency, and thousands of programs for a 4096 x 14336 weight.
+DEQUANT_ROWS = 128
+DEQUANT_WARPS = 8
+#: Decode: 32 features x 4 blocks of 64 columns per step (128 contiguous bytes per feature row per load);
+#: 448 programs for 14336 features keep all 132 SMs of an H200 busy.
+DECODE_BLOCK_N = 32
+DECODE_BLOCKS_K = 4
+DECODE_WARPS = 4
+DECODE_STAGES = 3
+
+
+def _dequant_triton(weight: Any, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    rows = min(DEQUANT_ROWS, triton.next_power_of_2(weight.n_blocks))
+    grid = (triton.cdiv(weight.n_blocks, rows),)
+    _dequant_kernel[grid](
+        weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
+        weight.nf4, out, weight.n_blocks,
+        BLOCK_SIZE=weight.block_size, SCALER_BLOCK=weight.scaler_block_size, ROWS=rows,
+        BASE=_CODES[weight.dtype], OUT=_CODES[dtype], num_warps=DEQUANT_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def _decode_triton(x: torch.Tensor, weight: Any) -> torch.Tensor:
+    n_out, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty((x2.shape[0], n_out), dtype=x.dtype, device=x.device)
+    block_t = max(16, triton.next_power_of_2(x2.shape[0]))
+    _decode_kernel[(triton.cdiv(n_out, DECODE_BLOCK_N),)](
+        x2, weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
+        weight.nf4, y, x2.shape[0], n_out, k,
+        BLOCK_SIZE=weight.block_size, SCALER_BLOCK=weight.scaler_block_size, BASE=_CODES[weight.dtype],
+        OUT=_CODES[x.dtype], BLOCK_T=block_t, BLOCK_N=DECODE_BLOCK_N, BLOCKS_K=DECODE_BLOCKS_K, DOT_F32=_INTERPRET,
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], n_out)
+
+
+def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize a torchao ``NF4Tensor``, bit-identical to ``weight.to(dtype)``.
+
+    Args:
+        weight: a torchao ``NF4Tensor`` (contiguous or its ``.t()`` view).
+        dtype: the result's dtype (bfloat16, float16 or float32).
+
+    Returns:
+        A plain tensor of ``weight``'s shape and device. On CUDA (with Triton) one kernel launch;
+        elsewhere torchao's ``weight.to(dtype)``.
+
+    Raises:
+        UsageError: ``weight`` is not an ``NF4Tensor``.
+
+    Example:
+        >>> w = to_nf4(torch.randn(128, 64, dtype=torch.bfloat16))
+        >>> torch.equal(dequantize(w, torch.bfloat16), w.to(torch.bfloat16))
+        True
+    """
+    _check_nf4(weight)
+    if not weight.is_contiguous() and weight.t().is_contiguous() and _kernel_ok(weight.t(), dtype):
+        return _dequant_triton(weight.t(), dtype).t()
+    if not _kernel_ok(weight, dtype):
+        return weight.to(dtype)
+    return _dequant_triton(weight, dtype)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """``x @ W.T`` for a frozen NF4 ``W``: saves only the quantized weight, dequantizes again in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Any) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if (
+            tokens <= DECODE_MAX_TOKENS
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.shape[1] % weight.block_size == 0
+            and _kernel_ok(weight, x.dtype)
+        ):
+            return _decode_triton(x, weight)
+        return torch.nn.functional.linear(x, dequantize(weight, x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ dequantize(weight, grad_out.dtype), None
+
+
+def nf4_linear(x: torch.Tensor, weight: Any) -> torch.Tensor:
+    """``x @ weight.T`` for a frozen torchao NF4 weight, with autograd to ``x``.
+
+    Up to :data:`DECODE_MAX_TOKENS` tokens on CUDA, one fused kernel dequantizes the weight tile by tile
+    inside the matmul (the full-precision weight is never materialized); more tokens dequantize with
+    :func:`dequantize` and run a cuBLAS GEMM (the result then equals torchao's ``linear_nf4`` bit for bit).
+    The backward computes ``grad @ dequantize(weight)``. On CPU, or without Triton: torchao's ``linear_nf4``.
+
+    Args:
+        x: input of shape ``(..., in_features)``.
+        weight: a torchao ``NF4Tensor`` of shape ``(out_features, in_features)``.
+
+    Returns:
+        The output, shape ``(..., out_features)``, in ``x``'s dtype.
+
+    Raises:
+        UsageError: ``weight`` is not an ``NF4Tensor``.
+
+    Example:
+        >>> w = to_nf4(torch.randn(128, 64, dtype=torch.bfloat16))
+        >>> nf4_linear(torch.randn(2, 64, dtype=torch.bfloat16), w).shape
+        torch.Size([2, 128])
+    """
+    _check_nf4(weight)
+    if not triton_enabled(weight.device):
+        from torchao.dtypes.nf4tensor import linear_nf4
+
+        return linear_nf4(x, weight)
+    return _NF4Linear.apply(x, weight)
