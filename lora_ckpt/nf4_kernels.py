@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-__all__ = ["dequantize", "nf4_linear", "triton_enabled"]
+__all__ = ["dequantize", "nf4_linear", "nf4_lora_linear", "triton_enabled"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ if triton is not None:
         """Round float32 ``x`` to dtype ``CODE``'s precision (nearest, ties to even); the result stays float32."""
         if CODE == 1:  # bfloat16: keep the top 16 bits, rounding on the bits (NaN passed through)
             bits = x.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+            nan = (bits & 0x7FFFFFFF) > 0x7F800000
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            return tl.where(nan, x, rounded.to(tl.float32, bitcast=True))
         elif CODE == 2:  # float16: the cast rounds to nearest-even on GPU and in the interpreter
             return x.to(tl.float16).to(tl.float32)
         else:
@@ -123,13 +124,15 @@ if triton is not None:
         scale = _block_scalers(qs_ptr, qf_ptr, mean_ptr, rows, rmask, SCALER_BLOCK, BASE)[:, None]
         hi = _round(tl.load(lut_ptr + (packed >> 4)).to(tl.float32) * scale, BASE)
         lo = _round(tl.load(lut_ptr + (packed & 15)).to(tl.float32) * scale, BASE)
-        vals = _round(tl.reshape(tl.join(hi, lo), (ROWS, BLOCK_SIZE)), OUT)
+        vals = tl.reshape(tl.join(hi, lo), (ROWS, BLOCK_SIZE))
+        if OUT != BASE:  # e.g. a float32 weight read as bfloat16: torch's cast rounds to nearest-even
+            vals = _round(vals, OUT)
         offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
         tl.store(out_ptr + offs, vals.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
     def _decode_kernel(
-        x_ptr, qd_ptr, qs_ptr, qf_ptr, mean_ptr, lut_ptr, y_ptr, T, N, K,
+        x_ptr, qd_ptr, qs_ptr, qf_ptr, mean_ptr, lut_ptr, y_ptr, T, N, K, HAS_ACC: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, SCALER_BLOCK: tl.constexpr, BASE: tl.constexpr, OUT: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_K: tl.constexpr, DOT_F32: tl.constexpr,
     ):  # fmt: skip
@@ -151,7 +154,12 @@ if triton is not None:
         kb_per_row = K // BLOCK_SIZE
         j = tl.arange(0, BLOCKS_K)
         c = tl.arange(0, CK)
-        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        ymask = tmask[:, None] & nmask[None, :]
+        yoffs = t[:, None] * N + n[None, :]
+        if HAS_ACC:  # y += x @ W.T, one rounding at the end (as addmm_ with beta=1)
+            acc = tl.load(y_ptr + yoffs, mask=ymask, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for kb0 in range(0, kb_per_row, BLOCKS_K):
             kmask = (kb0 + j) < kb_per_row
             blk = n.to(tl.int64)[:, None] * kb_per_row + (kb0 + j)[None, :]  # (BLOCK_N, BLOCKS_K)
@@ -161,8 +169,11 @@ if triton is not None:
             packed = tl.load(qd_ptr + byte, mask=bmask[:, :, None], other=0)
             hi = _round(tl.load(lut_ptr + (packed >> 4)).to(tl.float32) * scale, BASE)
             lo = _round(tl.load(lut_ptr + (packed & 15)).to(tl.float32) * scale, BASE)
-            hi = _round(tl.reshape(hi, (BLOCK_N, CK)), OUT)  # now exactly dequantize(W, x.dtype)
-            lo = _round(tl.reshape(lo, (BLOCK_N, CK)), OUT)
+            hi = tl.reshape(hi, (BLOCK_N, CK))
+            lo = tl.reshape(lo, (BLOCK_N, CK))
+            if OUT != BASE:  # hi, lo are now exactly dequantize(W, x.dtype), tile by tile
+                hi = _round(hi, OUT)
+                lo = _round(lo, OUT)
             xcol = kb0 * BLOCK_SIZE + 2 * c  # the even input columns of this step
             xmask = tmask[:, None] & ((kb0 + c // HALF) < kb_per_row)[None, :]
             x_even = tl.load(x_ptr + t[:, None] * K + xcol[None, :], mask=xmask, other=0.0)
@@ -174,8 +185,7 @@ if triton is not None:
                 wdt = x_ptr.dtype.element_ty
                 acc = tl.dot(x_even, tl.trans(hi.to(wdt)), acc)
                 acc = tl.dot(x_odd, tl.trans(lo.to(wdt)), acc)
-        ymask = tmask[:, None] & nmask[None, :]
-        tl.store(y_ptr + t[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        tl.store(y_ptr + yoffs, _round(acc, OUT).to(y_ptr.dtype.element_ty), mask=ymask)  # see _round
 
 
 #: Launch shapes. Dequant: 128 blocks of 64 = 8192 values (16 KiB of bf16) per program, enough bytes in
@@ -203,14 +213,15 @@ def _dequant_triton(weight: Any, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _decode_triton(x: torch.Tensor, weight: Any) -> torch.Tensor:
+def _decode_triton(x: torch.Tensor, weight: Any, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T`` (``acc + x @ weight.T`` in place when ``acc``, a contiguous (T, out), is given)."""
     n_out, k = weight.shape
     x2 = x.reshape(-1, k).contiguous()
-    y = torch.empty((x2.shape[0], n_out), dtype=x.dtype, device=x.device)
+    y = torch.empty((x2.shape[0], n_out), dtype=x.dtype, device=x.device) if acc is None else acc
     block_t = max(16, triton.next_power_of_2(x2.shape[0]))
     _decode_kernel[(triton.cdiv(n_out, DECODE_BLOCK_N),)](
         x2, weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
-        weight.nf4, y, x2.shape[0], n_out, k,
+        weight.nf4, y, x2.shape[0], n_out, k, acc is not None,
         BLOCK_SIZE=weight.block_size, SCALER_BLOCK=weight.scaler_block_size, BASE=_CODES[weight.dtype],
         OUT=_CODES[x.dtype], BLOCK_T=block_t, BLOCK_N=DECODE_BLOCK_N, BLOCKS_K=DECODE_BLOCKS_K, DOT_F32=_INTERPRET,
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
@@ -222,7 +233,7 @@ def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize a torchao ``NF4Tensor``, bit-identical to ``weight.to(dtype)``.
 
     Args:
-        weight: a torchao ``NF4Tensor`` (contiguous or its ``.t()`` view).
+        weight: a torchao ``NF4Tensor``.
         dtype: the result's dtype (bfloat16, float16 or float32).
 
     Returns:
@@ -238,11 +249,19 @@ def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
         True
     """
     _check_nf4(weight)
-    if not weight.is_contiguous() and weight.t().is_contiguous() and _kernel_ok(weight.t(), dtype):
-        return _dequant_triton(weight.t(), dtype).t()
-    if not _kernel_ok(weight, dtype):
+    if not _kernel_ok(weight, dtype):  # e.g. a transposed view, which torchao dequantizes its own way
         return weight.to(dtype)
     return _dequant_triton(weight, dtype)
+
+
+def _use_decode(x: torch.Tensor, weight: Any) -> bool:
+    """Few tokens, half-precision input, whole quantization blocks per weight row: the fused kernel."""
+    return (
+        x.numel() <= DECODE_MAX_TOKENS * x.shape[-1]
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.shape[1] % weight.block_size == 0
+        and _kernel_ok(weight, x.dtype)
+    )
 
 
 class _NF4Linear(torch.autograd.Function):
@@ -251,13 +270,7 @@ class _NF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Any) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        tokens = x.numel() // max(x.shape[-1], 1)
-        if (
-            tokens <= DECODE_MAX_TOKENS
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.shape[1] % weight.block_size == 0
-            and _kernel_ok(weight, x.dtype)
-        ):
+        if _use_decode(x, weight):
             return _decode_triton(x, weight)
         return torch.nn.functional.linear(x, dequantize(weight, x.dtype))
 
@@ -298,3 +311,67 @@ def nf4_linear(x: torch.Tensor, weight: Any) -> torch.Tensor:
 
         return linear_nf4(x, weight)
     return _NF4Linear.apply(x, weight)
+
+
+class _NF4LoRALinear(torch.autograd.Function):
+    """``x @ W.T + s * (x @ A.T) @ B.T`` for a frozen NF4 ``W``, the GEMMs of ``layer._LoRAFunction``.
+
+    The small product ``hs = s * x @ A.T`` (T, r) comes first, ``hs @ B.T`` seeds the output and the big
+    matmul accumulates onto it (cuBLAS's beta=1 epilogue, or the decode kernel's accumulator), so no pass
+    adds two (T, out) tensors. Backward likewise for the input gradient. Saved: ``x`` and ``hs``, as for
+    the bf16 layer; the NF4 weight is dequantized again for the input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Any, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        hs = torch.mm(x2, a.t()).mul_(s)
+        out = torch.mm(hs, b.t())
+        if _use_decode(x2, weight):
+            out = _decode_triton(x2, weight, acc=out)
+        else:
+            out.addmm_(x2, dequantize(weight, x.dtype).t())
+        ctx.save_for_backward(x, weight, a, b, hs)
+        ctx.s = s
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, None, Any, Any, None]:
+        x, weight, a, b, hs = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gh = torch.mm(g2, b).mul_(ctx.s)  # (T, r)
+        gx = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.mm(gh, a).addmm_(g2, dequantize(weight, gy.dtype)).view(x.shape)
+        if ctx.needs_input_grad[2]:
+            ga = torch.mm(gh.t(), x.reshape(-1, x.shape[-1]))
+        if ctx.needs_input_grad[3]:
+            gb = torch.mm(g2.t(), hs)
+        return gx, None, ga, gb, None
+
+
+def nf4_lora_linear(
+    x: torch.Tensor, weight: Any, lora_a: torch.Tensor, lora_b: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """A QLoRA layer's output, ``x @ weight.T + scale * (x @ lora_a.T) @ lora_b.T``, with autograd.
+
+    The same GEMMs as ``LoRALinear``'s frozen-base fast path, with the weight from :func:`dequantize`
+    (and, for up to :data:`DECODE_MAX_TOKENS` tokens on CUDA, the fused decode kernel instead of the
+    base GEMM). Gradients flow to ``x``, ``lora_a`` and ``lora_b``. On CPU or without Triton the weight
+    comes from torchao's ``weight.to(dtype)``. No dropout: use it where the adapter's input is ``x``.
+
+    Args:
+        x: input of shape ``(..., in_features)``.
+        weight: a torchao ``NF4Tensor`` of shape ``(out_features, in_features)``.
+        lora_a: ``(r, in_features)``.
+        lora_b: ``(out_features, r)``.
+        scale: the adapter's scale (``alpha / r``).
+
+    Returns:
+        The output, shape ``(..., out_features)``, in ``x``'s dtype.
+
+    Raises:
+        UsageError: ``weight`` is not an ``NF4Tensor``.
+    """
+    _check_nf4(weight)
+    return _NF4LoRALinear.apply(x, weight, lora_a, lora_b, scale)
