@@ -116,6 +116,7 @@ def check_identity() -> dict:
 
 
 def bench_dequant(iters: int, sweep: bool) -> dict:
+    """Dequant GB/s. With ``sweep``, time each launch shape and keep the fastest (which then ships)."""
     gen = torch.Generator(device=DEV).manual_seed(2)
     ws = [to_nf4(rand_weight(dims((4096, 14336)), BF16, gen)) for _ in range(3)]  # rotate: 3 x 147 MB > L2
     n = ws[0]
@@ -123,43 +124,81 @@ def bench_dequant(iters: int, sweep: bool) -> dict:
               + 2 * n.numel())
     it = iter(range(10**9))
     torchao_ms = median_ms(lambda: ws[next(it) % 3].to(BF16), max(iters // 4, 10))
-    res = {"shape": n.shape, "bytes": nbytes, "torchao_ms": torchao_ms, "torchao_GBs": nbytes / torchao_ms / 1e6, "configs": {}}
-    configs = [(r, w) for r in (32, 64, 128, 256) for w in (4, 8)] if sweep else []
-    configs = (configs if DEV == "cuda" else configs[:2]) + [(K.DEQUANT_ROWS, K.DEQUANT_WARPS)]
-    configs = list(dict.fromkeys(configs))
+    res = {"shape": n.shape, "bytes": nbytes, "torchao_ms": torchao_ms, "torchao_GBs": nbytes / torchao_ms / 1e6,
+           "configs": {}}
     default = (K.DEQUANT_ROWS, K.DEQUANT_WARPS)
+    configs = [(8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
+    configs = list(dict.fromkeys((configs if DEV == "cuda" else configs[:2]) + [default])) if sweep else [default]
     for rows, warps in configs:
         K.DEQUANT_ROWS, K.DEQUANT_WARPS = rows, warps
+        if not torch.equal(K.dequantize(ws[1], BF16), ws[1].to(BF16)):
+            res["configs"][f"{rows},{warps}"] = "MISMATCH"
+            continue
         ms = median_ms(lambda: K.dequantize(ws[next(it) % 3], BF16), iters)
-        res["configs"][f"rows={rows},warps={warps}"] = {"ms": ms, "GBs": nbytes / ms / 1e6}
-    K.DEQUANT_ROWS, K.DEQUANT_WARPS = default
-    res["ours_ms"] = res["configs"][f"rows={default[0]},warps={default[1]}"]["ms"]
+        res["configs"][f"{rows},{warps}"] = {"ms": ms, "GBs": nbytes / ms / 1e6}
+    timed = {c: v for c, v in res["configs"].items() if isinstance(v, dict)}
+    best = min(timed, key=lambda c: timed[c]["ms"])
+    K.DEQUANT_ROWS, K.DEQUANT_WARPS = (int(v) for v in best.split(","))
+    res["chosen (rows,warps)"] = best
+    res["ours_ms"] = timed[best]["ms"]
     res["ours_GBs"] = nbytes / res["ours_ms"] / 1e6
-    res["best"] = min(res["configs"].items(), key=lambda kv: kv[1]["ms"])
     return res
 
 
+DECODE_KNOBS = ("DECODE_BLOCK_N", "DECODE_BLOCKS_K", "DECODE_WARPS", "DECODE_STAGES", "DECODE_X_SPLIT",
+                "DECODE_SPLIT_K")
+
+
 def bench_decode_sweep(iters: int) -> dict:
+    """The fused decode kernel at T = 16, 4096 -> 14336 across launch shapes (each checked against dequant +
+    matmul first); the fastest correct one is kept. Then fused vs dequant + cuBLAS at T = 1..64 sets
+    ``DECODE_MAX_TOKENS`` to the largest T where the fused kernel wins."""
     gen = torch.Generator(device=DEV).manual_seed(3)
     n_out, k = dims((14336, 4096))
-    ws = [to_nf4(rand_weight((n_out, k), BF16, gen)) for _ in range(4)]
-    x = torch.randn(16, k, generator=gen, device=DEV).to(BF16)
-    default = (K.DECODE_BLOCK_N, K.DECODE_BLOCKS_K, K.DECODE_WARPS, K.DECODE_STAGES)
-    configs = [(16, 4, 4, 3), (32, 4, 4, 3), (64, 4, 4, 3), (32, 2, 4, 3), (32, 8, 4, 3), (32, 4, 8, 3),
-               (32, 4, 4, 2), (32, 4, 4, 4), (16, 8, 4, 4), (64, 2, 4, 4), (16, 2, 2, 4), (64, 8, 8, 3)]
+    ws = [to_nf4(rand_weight((n_out, k), BF16, gen)) for _ in range(4)]  # 4 x 29 MB > L2
+    ref_w = ws[0].to(BF16).float()
+    xs = {t: torch.randn(t, k, generator=gen, device=DEV).to(BF16) for t in (1, 16, 32, 64)}
+    configs = [  # BLOCK_N, BLOCKS_K, warps, stages, X_SPLIT, SPLIT_K
+        (64, 2, 4, 4, False, 1), (64, 2, 4, 4, True, 1), (64, 1, 4, 4, True, 1), (128, 1, 4, 4, True, 1),
+        (128, 2, 8, 4, True, 1), (64, 8, 8, 3, True, 1), (32, 2, 4, 4, True, 1), (64, 2, 4, 4, True, 4),
+        (64, 2, 4, 4, True, 8), (128, 2, 8, 4, True, 8), (32, 2, 4, 4, True, 8), (64, 1, 4, 4, True, 8),
+        (32, 4, 4, 3, True, 4), (64, 4, 4, 3, True, 16), (128, 1, 4, 3, True, 16), (16, 4, 2, 4, True, 8),
+    ]
     if DEV == "cpu":
         configs = configs[:2]
+    K.DECODE_MAX_TOKENS = 64
     it = iter(range(10**9))
-    out = {}
+    out: dict = {"configs": {}}
     for cfg in configs:
-        K.DECODE_BLOCK_N, K.DECODE_BLOCKS_K, K.DECODE_WARPS, K.DECODE_STAGES = cfg
+        for knob, v in zip(DECODE_KNOBS, cfg):
+            setattr(K, knob, v)
         try:
-            ms = median_ms(lambda: K.nf4_linear(x, ws[next(it) % 4]), iters)
-        except Exception as e:  # a config that does not compile is reported, not fatal
-            out[str(cfg)] = repr(e)[:200]
-            continue
-        out[str(cfg)] = ms
-    K.DECODE_BLOCK_N, K.DECODE_BLOCKS_K, K.DECODE_WARPS, K.DECODE_STAGES = default
+            errs = []
+            for t in (16, 64):
+                ref = xs[t].float() @ ref_w.t()
+                errs.append(((K.nf4_linear(xs[t], ws[0]).float() - ref).norm() / ref.norm()).item())
+            if max(errs) > 1e-2:
+                out["configs"][str(cfg)] = f"WRONG rel err {errs}"
+                continue
+            out["configs"][str(cfg)] = median_ms(lambda: K.nf4_linear(xs[16], ws[next(it) % 4]), iters)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+            out["configs"][str(cfg)] = repr(e)[:200]
+    timed = {c: v for c, v in out["configs"].items() if isinstance(v, float)}
+    best = {str(c): c for c in configs}[min(timed, key=timed.get)]
+    for knob, v in zip(DECODE_KNOBS, best):
+        setattr(K, knob, v)
+    out["chosen"] = dict(zip(DECODE_KNOBS, best))
+    cross = {}
+    for t, x in xs.items():
+        K.DECODE_MAX_TOKENS = 64
+        fused = median_ms(lambda x=x: K.nf4_linear(x, ws[next(it) % 4]), iters)
+        K.DECODE_MAX_TOKENS = 0
+        plain = median_ms(lambda x=x: K.nf4_linear(x, ws[next(it) % 4]), iters)
+        cross[t] = {"fused_ms": fused, "dequant_mm_ms": plain}
+    out["fused_vs_dequant_mm"] = cross
+    wins = [t for t, v in cross.items() if v["fused_ms"] < v["dequant_mm_ms"]]
+    K.DECODE_MAX_TOKENS = max(wins) if wins else 0
+    out["chosen"]["DECODE_MAX_TOKENS"] = K.DECODE_MAX_TOKENS
     return out
 
 
@@ -236,7 +275,7 @@ def build(t, k, n, r, n_layers, gen, decode):
         if decode:
             try:
                 row["peft_bnb"] = peft_bnb(wd, a, b, alpha, r)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - bitsandbytes is optional here
                 print(f"peft+bnb unavailable: {e!r}"[:300], file=sys.stderr)
         for name, m in row.items():
             layers.setdefault(name, []).append(m)
@@ -261,12 +300,12 @@ def bench_layers(iters: int, rounds: int) -> list[dict]:
             row["rel_to_torchtune"][name] = ((out - ref).norm() / ref.norm()).item()
         it = iter(range(10**9))
 
-        def fwdbwd(ms):
+        def fwdbwd(ms, x=x, g=g, it=it):
             m = ms[next(it) % len(ms)]
             params = [x] + [p for p in m.parameters() if p.requires_grad]
             torch.autograd.grad(m(x), params, g)
 
-        def fwd(ms):
+        def fwd(ms, x=x, it=it):
             with torch.no_grad():
                 ms[next(it) % len(ms)](x)
 
@@ -277,11 +316,12 @@ def bench_layers(iters: int, rounds: int) -> list[dict]:
                 if DEV == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                     base_mem = torch.cuda.memory_allocated()
-                samples["fwdbwd"].setdefault(name, []).append(median_ms(lambda: fwdbwd(ms), iters // rounds))
+                samples["fwdbwd"].setdefault(name, []).append(median_ms(lambda ms=ms: fwdbwd(ms), iters // rounds))
                 if DEV == "cuda":
                     row["peak_MiB"][name] = max(row["peak_MiB"].get(name, 0),
                                                 (torch.cuda.max_memory_allocated() - base_mem) / 2**20)
-                samples["fwd"].setdefault(name, []).append(median_ms(lambda: fwd(ms), iters // rounds))
+                samples["fwd"].setdefault(name, []).append(median_ms(lambda ms=ms: fwd(ms), iters // rounds))
+        row["rounds"] = samples
         for kind in ("fwdbwd", "fwd"):
             for name, v in samples[kind].items():
                 row[kind][name] = statistics.median(v)
@@ -312,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     def section(name, fn):  # one failing section must not cost the rest of a device call
         try:
             res[name] = fn()
-        except Exception:
+        except Exception:  # noqa: BLE001 - reported, and the other sections still run
             traceback.print_exc()
             res[name] = None
         if args.json:
@@ -326,9 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     if d:
         print(f"dequant {tuple(d['shape'])}: ours {d['ours_ms'] * 1e3:.1f} us {d['ours_GBs']:.0f} GB/s; torchao "
               f"{d['torchao_ms'] * 1e3:.1f} us {d['torchao_GBs']:.0f} GB/s; {d['torchao_ms'] / d['ours_ms']:.1f}x; "
-              f"best {d['best']}", flush=True)
+              f"chosen {d['chosen (rows,warps)']}; all {json.dumps(d['configs'])}", flush=True)
     if args.sweep and section("decode_sweep", lambda: bench_decode_sweep(args.iters)):
-        print("decode sweep (BLOCK_N, BLOCKS_K, warps, stages) -> ms:", json.dumps(res["decode_sweep"]), flush=True)
+        print("decode sweep", DECODE_KNOBS, "-> ms:", json.dumps(res["decode_sweep"]), flush=True)
+    res["settings"] = {k: getattr(K, k) for k in DECODE_KNOBS + ("DECODE_MAX_TOKENS", "DEQUANT_ROWS", "DEQUANT_WARPS")}
+    print("settings for the table:", res["settings"], flush=True)
     if not section("layers", lambda: bench_layers(args.iters, rounds=4 if DEV == "cuda" else 1)):
         return 1
     names = list(res["layers"][0]["fwdbwd"])
