@@ -145,8 +145,7 @@ def bench_dequant(iters: int, sweep: bool) -> dict:
     return res
 
 
-DECODE_KNOBS = ("DECODE_BLOCK_N", "DECODE_BLOCKS_K", "DECODE_WARPS", "DECODE_STAGES", "DECODE_X_SPLIT",
-                "DECODE_SPLIT_K")
+DECODE_KNOBS = ("DECODE_BLOCK_N", "DECODE_BLOCKS_K", "DECODE_WARPS", "DECODE_STAGES")
 
 
 def bench_decode_sweep(iters: int) -> dict:
@@ -158,11 +157,9 @@ def bench_decode_sweep(iters: int) -> dict:
     ws = [to_nf4(rand_weight((n_out, k), BF16, gen)) for _ in range(4)]  # 4 x 29 MB > L2
     ref_w = ws[0].to(BF16).float()
     xs = {t: torch.randn(t, k, generator=gen, device=DEV).to(BF16) for t in (1, 16, 32, 64)}
-    configs = [  # BLOCK_N, BLOCKS_K, warps, stages, X_SPLIT, SPLIT_K
-        (64, 2, 4, 4, False, 1), (64, 2, 4, 4, True, 1), (64, 1, 4, 4, True, 1), (128, 1, 4, 4, True, 1),
-        (128, 2, 8, 4, True, 1), (64, 8, 8, 3, True, 1), (32, 2, 4, 4, True, 1), (64, 2, 4, 4, True, 4),
-        (64, 2, 4, 4, True, 8), (128, 2, 8, 4, True, 8), (32, 2, 4, 4, True, 8), (64, 1, 4, 4, True, 8),
-        (32, 4, 4, 3, True, 4), (64, 4, 4, 3, True, 16), (128, 1, 4, 3, True, 16), (16, 4, 2, 4, True, 8),
+    configs = [  # BLOCK_N, BLOCKS_K, warps, stages
+        (64, 2, 4, 4), (64, 1, 4, 4), (128, 1, 4, 4), (128, 2, 8, 4), (64, 8, 8, 3), (32, 2, 4, 4), (32, 4, 4, 3),
+        (16, 4, 2, 4), (64, 4, 4, 3), (128, 1, 4, 3),
     ]
     if DEV == "cpu":
         configs = configs[:2]
@@ -174,7 +171,7 @@ def bench_decode_sweep(iters: int) -> dict:
             setattr(K, knob, v)
         try:
             errs = []
-            for t in (16, 64):
+            for t in (16, 64):  # 64: four token tiles
                 ref = xs[t].float() @ ref_w.t()
                 errs.append(((K.nf4_linear(xs[t], ws[0]).float() - ref).norm() / ref.norm()).item())
             if max(errs) > 1e-2:

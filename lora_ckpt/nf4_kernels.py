@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 #: Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (this is how CI tests them).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Token counts up to this take the fused dequantize-in-the-matmul kernel (decode); more take dequant + GEMM.
-DECODE_MAX_TOKENS = 64
+#: (One 16-token tile: at 32 and 64 tokens dequant + cuBLAS measured 1.6x and 3x faster on an H200.)
+DECODE_MAX_TOKENS = 16
 # Dtype codes passed to the kernels as constexprs.
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -132,11 +133,9 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(
-        x_ptr, qd_ptr, qs_ptr, qf_ptr, mean_ptr, lut_ptr, y_ptr, part_ptr, cnt_ptr, T, N, K, KB_SPLIT,
-        HAS_ACC: tl.constexpr, SPLIT_K: tl.constexpr,
+        x_ptr, qd_ptr, qs_ptr, qf_ptr, mean_ptr, lut_ptr, y_ptr, T, N, K, HAS_ACC: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, SCALER_BLOCK: tl.constexpr, BASE: tl.constexpr, OUT: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_K: tl.constexpr, DOT_F32: tl.constexpr,
-        X_SPLIT: tl.constexpr,
     ):  # fmt: skip
         """``y[t0:t0+BLOCK_T, n0:n0+BLOCK_N] = x[t0:...] @ W[n0:n0+BLOCK_N].T``, ``W`` dequantized in registers.
 
@@ -148,11 +147,6 @@ if triton is not None:
         even and odd columns: high nibbles meet even columns, low nibbles odd ones, two ``tl.dot`` calls,
         float32 accumulation. The dequantized values are exactly ``dequantize``'s, so only the summation
         order differs from dequant + matmul.
-
-        Split-K (``SPLIT_K > 1``, grid axis 2): a few hundred feature tiles leave most of the GPU idle, so
-        ``K`` is cut into ``SPLIT_K`` ranges of ``KB_SPLIT`` blocks. Each program writes a float32 partial;
-        the last one of its tile to finish (an atomic counter) adds the partials in a fixed order, so
-        the result does not depend on scheduling.
         """
         HALF: tl.constexpr = BLOCK_SIZE // 2
         CK: tl.constexpr = BLOCKS_K * HALF  # byte columns (= pairs of weight columns) per step
@@ -161,18 +155,16 @@ if triton is not None:
         nmask = n < N
         tmask = t < T
         kb_per_row = K // BLOCK_SIZE
-        kb_lo = tl.program_id(2) * KB_SPLIT
-        kb_hi = tl.minimum(kb_lo + KB_SPLIT, kb_per_row)
         j = tl.arange(0, BLOCKS_K)
-        c = tl.arange(0, CK)
+        xc = tl.arange(0, 2 * CK)
         ymask = tmask[:, None] & nmask[None, :]
         yoffs = t[:, None] * N + n[None, :]
-        if HAS_ACC and SPLIT_K == 1:  # y += x @ W.T, one rounding at the end (as addmm_ with beta=1)
+        if HAS_ACC:  # y += x @ W.T, one rounding at the end (as addmm_ with beta=1)
             acc = tl.load(y_ptr + yoffs, mask=ymask, other=0.0).to(tl.float32)
         else:
             acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for kb0 in range(kb_lo, kb_hi, BLOCKS_K):
-            kmask = (kb0 + j) < kb_hi
+        for kb0 in range(0, kb_per_row, BLOCKS_K):
+            kmask = (kb0 + j) < kb_per_row
             blk = n.to(tl.int64)[:, None] * kb_per_row + (kb0 + j)[None, :]  # (BLOCK_N, BLOCKS_K)
             bmask = nmask[:, None] & kmask[None, :]
             scale = _block_scalers(qs_ptr, qf_ptr, mean_ptr, blk, bmask, SCALER_BLOCK, BASE)[:, :, None]
@@ -185,16 +177,10 @@ if triton is not None:
             if OUT != BASE:  # hi, lo are now exactly dequantize(W, x.dtype), tile by tile
                 hi = _round(hi, OUT)
                 lo = _round(lo, OUT)
-            if X_SPLIT:  # one contiguous (vectorized) load of the step's 2 * CK columns, split in registers
-                xc = tl.arange(0, 2 * CK)
-                xmask = tmask[:, None] & ((kb0 + xc // BLOCK_SIZE) < kb_hi)[None, :]
-                xt = tl.load(x_ptr + t[:, None] * K + (kb0 * BLOCK_SIZE + xc)[None, :], mask=xmask, other=0.0)
-                x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_T, CK, 2)))
-            else:  # two strided loads
-                xcol = kb0 * BLOCK_SIZE + 2 * c  # the even input columns of this step
-                xmask = tmask[:, None] & ((kb0 + c // HALF) < kb_hi)[None, :]
-                x_even = tl.load(x_ptr + t[:, None] * K + xcol[None, :], mask=xmask, other=0.0)
-                x_odd = tl.load(x_ptr + t[:, None] * K + xcol[None, :] + 1, mask=xmask, other=0.0)
+            # this step's 2 * CK input columns: one contiguous load, split into even and odd in registers
+            xmask = tmask[:, None] & ((kb0 + xc // BLOCK_SIZE) < kb_per_row)[None, :]
+            xt = tl.load(x_ptr + t[:, None] * K + (kb0 * BLOCK_SIZE + xc)[None, :], mask=xmask, other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_T, CK, 2)))
             if DOT_F32:  # Triton 3.9's interpreter multiplies bfloat16 dots wrongly; float32 products are exact
                 acc = tl.dot(x_even.to(tl.float32), tl.trans(hi), acc, input_precision="ieee")
                 acc = tl.dot(x_odd.to(tl.float32), tl.trans(lo), acc, input_precision="ieee")
@@ -202,24 +188,12 @@ if triton is not None:
                 wdt = x_ptr.dtype.element_ty
                 acc = tl.dot(x_even, tl.trans(hi.to(wdt)), acc)
                 acc = tl.dot(x_odd, tl.trans(lo.to(wdt)), acc)
-        if SPLIT_K == 1:
-            tl.store(y_ptr + yoffs, _round(acc, OUT).to(y_ptr.dtype.element_ty), mask=ymask)  # see _round
-        else:
-            tl.store(part_ptr + tl.program_id(2) * T * N + yoffs, acc, mask=ymask)
-            tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-            if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:  # the last one
-                if HAS_ACC:
-                    acc = tl.load(y_ptr + yoffs, mask=ymask, other=0.0).to(tl.float32)
-                else:
-                    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-                for ks in range(SPLIT_K):
-                    acc += tl.load(part_ptr + ks * T * N + yoffs, mask=ymask, other=0.0)
-                tl.store(y_ptr + yoffs, _round(acc, OUT).to(y_ptr.dtype.element_ty), mask=ymask)
+        tl.store(y_ptr + yoffs, _round(acc, OUT).to(y_ptr.dtype.element_ty), mask=ymask)  # see _round
 
 
-#: Launch shapes, picked by the sweep in bench/qlora_gpu.py on an H200 (bench/RESULTS.md).
-#: Dequant: 32 blocks of 64 = 2048 values (4 KiB of bf16) per program and 4 warps: small programs, many
-#: resident per SM, measured fastest (larger tiles of 128 blocks / 8 warps ran 30% slower).
+#: Launch shapes, from the sweeps of bench/qlora_gpu.py on an H200 (bench/RESULTS.md, "qlora_gpu").
+#: Dequant: 32 blocks of 64 = 2048 values (4 KiB of bf16 out) per program, 4 warps: small programs, many
+#: resident per SM. Fastest in the first sweep; all shapes from 8 to 256 blocks were within noise in the second.
 DEQUANT_ROWS = 32
 DEQUANT_WARPS = 4
 #: Decode: 64 features x 2 blocks of 64 columns per step (64 contiguous bytes per feature row per load),
@@ -228,8 +202,6 @@ DECODE_BLOCK_N = 64
 DECODE_BLOCKS_K = 2
 DECODE_WARPS = 4
 DECODE_STAGES = 4
-DECODE_X_SPLIT = True
-DECODE_SPLIT_K = 1
 
 
 def _dequant_triton(weight: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -252,19 +224,11 @@ def _decode_triton(x: torch.Tensor, weight: Any, acc: torch.Tensor | None = None
     y = torch.empty((x2.shape[0], n_out), dtype=x.dtype, device=x.device) if acc is None else acc
     block_t = 16  # 64-token tiles gave wrong sums on an H200 with Triton 3.6 (bench/RESULTS.md); 16 is checked
     grid_t, grid_n = triton.cdiv(x2.shape[0], block_t), triton.cdiv(n_out, DECODE_BLOCK_N)
-    kb_per_row = k // weight.block_size
-    kb_split = triton.cdiv(triton.cdiv(kb_per_row, DECODE_SPLIT_K), DECODE_BLOCKS_K) * DECODE_BLOCKS_K
-    split = triton.cdiv(kb_per_row, kb_split)
-    part = cnt = y  # unused unless split > 1
-    if split > 1:
-        part = torch.empty((split, *y.shape), dtype=torch.float32, device=y.device)
-        cnt = torch.zeros(grid_t * grid_n, dtype=torch.int32, device=y.device)
-    _decode_kernel[(grid_t, grid_n, split)](
+    _decode_kernel[(grid_t, grid_n)](
         x2, weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
-        weight.nf4, y, part, cnt, x2.shape[0], n_out, k, kb_split, acc is not None, split,
+        weight.nf4, y, x2.shape[0], n_out, k, acc is not None,
         BLOCK_SIZE=weight.block_size, SCALER_BLOCK=weight.scaler_block_size, BASE=_CODES[weight.dtype],
         OUT=_CODES[x.dtype], BLOCK_T=block_t, BLOCK_N=DECODE_BLOCK_N, BLOCKS_K=DECODE_BLOCKS_K, DOT_F32=_INTERPRET,
-        X_SPLIT=DECODE_X_SPLIT,
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n_out)

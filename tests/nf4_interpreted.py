@@ -68,16 +68,38 @@ def test_dequantize_matches_nf4_to():
         assert torch.equal(K.dequantize(nf4, dtype).view(torch.int16), nf4.to(dtype).view(torch.int16))
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 16, 64])
+@pytest.fixture
+def fused_only(monkeypatch, kernels_only):
+    """The decode kernel for up to 64 tokens (several 16-token tiles), with no dequantization at all."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the weight was dequantized: the fused decode kernel was not taken")
+
+    monkeypatch.setattr(K, "DECODE_MAX_TOKENS", 64)
+    monkeypatch.setattr(K, "dequantize", forbidden)
+    return kernels_only
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16, 40])
 @pytest.mark.parametrize("dtype", [BF16, FP16])
-def test_decode_kernel_matches_dequant_matmul(kernels_only, tokens, dtype):
+def test_decode_kernel_matches_dequant_matmul(fused_only, tokens, dtype):
     nf4 = to_nf4(weight((80, 320), dtype, seed=tokens), scaler_block_size=16)
     lead = (2, tokens // 2) if tokens == 16 else (tokens,)  # a 3-D input once
     x = torch.randn(*lead, 320, generator=torch.Generator().manual_seed(1)).to(dtype)
     y = K.nf4_linear(x, nf4)
-    ref = x.double() @ kernels_only(nf4).double().t()
+    ref = x.double() @ fused_only(nf4).double().t()
     assert y.shape == (*x.shape[:-1], 80) and y.dtype == dtype
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3  # one bf16 rounding of the output
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3  # one rounding of the output
+
+
+@pytest.mark.parametrize("blocks_k", [1, 4])
+def test_decode_kernel_tile_widths(fused_only, monkeypatch, blocks_k):
+    """K steps that do not divide the row (10 blocks in steps of 4) and single-block steps."""
+    monkeypatch.setattr(K, "DECODE_BLOCKS_K", blocks_k)
+    nf4 = to_nf4(weight((96, 640), BF16, seed=blocks_k), scaler_block_size=16)
+    x = torch.randn(3, 640, dtype=BF16)
+    ref = x.double() @ fused_only(nf4).double().t()
+    assert ((K.nf4_linear(x, nf4).double() - ref).norm() / ref.norm()).item() < 4e-3
 
 
 def test_training_path_bit_identical_to_linear_nf4():
