@@ -73,15 +73,22 @@ def _check_nf4(weight: Any) -> None:
 
 
 def _kernel_ok(weight: Any, dtype: torch.dtype) -> bool:
-    """The kernels cover contiguous weights with power-of-two blocks and float dtypes; else torchao's path."""
-    bs = weight.block_size
+    """The kernels cover contiguous weights with power-of-two blocks, all parts in one float dtype (torchao's
+    own layout); anything else takes torchao's path. Reads the plain inner tensors where it can: each
+    attribute of the NF4Tensor itself goes through its ``__torch_function__`` (microseconds per call)."""
+    if triton is None or dtype not in _CODES:
+        return False
+    if weight.quantized_data.device.type != "cuda" and not _INTERPRET:
+        return False
+    base, bs = weight.nf4.dtype, weight.block_size
     return (
-        triton_enabled(weight.device)
-        and weight.is_contiguous()
-        and dtype in _CODES
-        and weight.dtype in _CODES
+        base in _CODES
+        and weight.quantization_factor.dtype == base
+        and weight.scaler_mean.dtype == base
         and bs >= 2
         and bs & (bs - 1) == 0
+        and weight.dtype == base
+        and weight.is_contiguous()
     )
 
 
@@ -205,14 +212,14 @@ DECODE_STAGES = 4
 
 
 def _dequant_triton(weight: Any, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.quantized_data.device)
     rows = min(DEQUANT_ROWS, triton.next_power_of_2(weight.n_blocks))
     grid = (triton.cdiv(weight.n_blocks, rows),)
     _dequant_kernel[grid](
         weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
         weight.nf4, out, weight.n_blocks,
         BLOCK_SIZE=weight.block_size, SCALER_BLOCK=weight.scaler_block_size, ROWS=rows,
-        BASE=_CODES[weight.dtype], OUT=_CODES[dtype], num_warps=DEQUANT_WARPS,
+        BASE=_CODES[weight.nf4.dtype], OUT=_CODES[dtype], num_warps=DEQUANT_WARPS,
     )  # fmt: skip
     return out
 
@@ -227,7 +234,7 @@ def _decode_triton(x: torch.Tensor, weight: Any, acc: torch.Tensor | None = None
     _decode_kernel[(grid_t, grid_n)](
         x2, weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
         weight.nf4, y, x2.shape[0], n_out, k, acc is not None,
-        BLOCK_SIZE=weight.block_size, SCALER_BLOCK=weight.scaler_block_size, BASE=_CODES[weight.dtype],
+        BLOCK_SIZE=weight.block_size, SCALER_BLOCK=weight.scaler_block_size, BASE=_CODES[weight.nf4.dtype],
         OUT=_CODES[x.dtype], BLOCK_T=block_t, BLOCK_N=DECODE_BLOCK_N, BLOCKS_K=DECODE_BLOCKS_K, DOT_F32=_INTERPRET,
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
     )  # fmt: skip
@@ -311,7 +318,7 @@ def nf4_linear(x: torch.Tensor, weight: Any) -> torch.Tensor:
         torch.Size([2, 128])
     """
     _check_nf4(weight)
-    if not triton_enabled(weight.device):
+    if not triton_enabled(weight.quantized_data.device):
         from torchao.dtypes.nf4tensor import linear_nf4
 
         return linear_nf4(x, weight)
