@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ShapeMismatchError
 from .families import ModelConfig
@@ -136,15 +134,6 @@ class Adapter:
         n = sum(t.numel() for m in self.modules.values() for t in (m.A, m.B, m.magnitude, m.bias) if t is not None)
         return n + sum(t.numel() for t in self.extra.values())
 
-    def uniform(self, *, rank: int | None = None, scale: float | None = None) -> Adapter:
-        """The same adapter with one rank and one scale everywhere (for layouts that have only
-        one): ranks zero-padded to ``rank`` (default the largest), scale differences folded into
-        B (default: the most common scale). ΔW is unchanged up to float32 rounding of the fold."""
-        rank = rank or max(self.ranks(), default=0)
-        scale = scale if scale is not None else (self.scales().most_common(1)[0][0] if self.modules else 1.0)
-        mods = {n: m.rescaled(scale).padded(rank) for n, m in self.modules.items()}
-        return replace(self, modules=mods)
-
     def cast(self, dtype: torch.dtype | None) -> Adapter:
         """All tensors converted to ``dtype`` (None: unchanged)."""
         if dtype is None:
@@ -153,7 +142,7 @@ class Adapter:
         def c(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(dtype)
 
-        mods = {n: replace(m, A=c(m.A), B=c(m.B), magnitude=c(m.magnitude), bias=c(m.bias))
+        mods = {n: replace(m, A=m.A.to(dtype), B=m.B.to(dtype), magnitude=c(m.magnitude), bias=c(m.bias))
                 for n, m in self.modules.items()}
         return replace(self, modules=mods, extra={k: v.to(dtype) for k, v in self.extra.items()})
 
@@ -161,4 +150,4 @@ class Adapter:
 def alpha_for(scale: float, r: int, *, rslora: bool = False) -> float | int:
     """The PEFT ``lora_alpha`` that gives ``scale`` at rank ``r`` (an int when exact)."""
     a = scale * (math.sqrt(r) if rslora else r)
-    return int(round(a)) if abs(a - round(a)) < 1e-9 * max(1.0, abs(a)) else a
+    return round(a) if abs(a - round(a)) < 1e-9 * max(1.0, abs(a)) else a

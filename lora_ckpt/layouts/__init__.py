@@ -1,7 +1,14 @@
-"""The layout registry: one entry per ecosystem; detection; ``load_adapter`` / ``save_adapter``.
+"""Adapter layouts: one file per ecosystem, discovered by :mod:`.registry`; ``load_adapter`` /
+``save_adapter``.
 
-Adding an ecosystem is adding one :class:`~lora_ckpt.layouts.base.Layout` subclass to
-:data:`LAYOUTS` (plus its tests).
+* :mod:`.spec`: what a layout is, as data (files, leaves, naming scheme, :class:`ScalePolicy`,
+  features) and :class:`Detection`.
+* :mod:`.source`: the resolved input and the read/write options.
+* :mod:`.base`: the generic reader and writer (:class:`Layout`).
+* :mod:`.placement`: every-layer fill and all-zero module removal; :mod:`.lossy`: the lossy policy.
+* :mod:`.registry`: the list of layouts (every ``Layout`` subclass in this package) and detection.
+* one file per ecosystem: ``native``, ``peft``, ``torchtune``, ``mistral``, ``simple`` (loralib,
+  LLMBook), ``mlx``, ``litgpt``.
 """
 
 from __future__ import annotations
@@ -13,83 +20,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter
-from ..errors import AmbiguousLayoutError, CheckpointNotFoundError, UnknownLayoutError, UsageError, quote_list
+from ..errors import LoraCkptError
 from ..families import ModelConfig, load_model_config
-from ..files import PathLike, atomic_output
-from .base import Layout, ReadOptions, Source, WriteOptions
-from .litgpt import LitgptLayout
-from .mistral import MistralLayout
-from .mlx import MlxLayout
-from .native import NativeLayout
-from .peft import PeftLayout
-from .simple import LlmbookLayout, LoralibLayout
-from .torchtune import TorchtuneLayout
+from ..io import PathLike, atomic_output
+from .base import Layout
+from .registry import LAYOUTS, Detected, detect_layout, get_layout, layout_names
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, ScalePolicy
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LAYOUTS", "Detection", "detect_layout", "get_layout", "load_adapter", "read_detected", "save_adapter"]
+__all__ = ["LAYOUTS", "BaseConfigResolver", "Detected", "Detection", "Layout", "ReadOptions", "ScalePolicy", "Source",
+           "WriteOptions", "detect_layout", "get_layout", "layout_names", "load_adapter", "read_detected",
+           "save_adapter"]
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
-    NativeLayout(), PeftLayout(), TorchtuneLayout(), MistralLayout(), LoralibLayout(), LlmbookLayout(),
-    MlxLayout(), LitgptLayout())}
-
-
-class Detection:
-    """A layout found at a path, and why."""
-
-    def __init__(self, layout: Layout, source: Source, reason: str) -> None:
-        self.layout, self.source, self.reason = layout, source, reason
-
-
-def get_layout(name: str) -> Layout:
-    try:
-        return LAYOUTS[name]
-    except KeyError:
-        raise UsageError(f"unknown layout {name!r}; expected one of {', '.join(LAYOUTS)}") from None
-
-
-def detect_layout(path: PathLike, *, layout: str | None = None) -> Detection:
-    """Which layout ``path`` (a file or directory) is in, and why.
-
-    Raises:
-        CheckpointNotFoundError: ``path`` does not exist.
-        UnknownLayoutError: nothing matches.
-        AmbiguousLayoutError: several layouts match equally well (``layout`` chooses).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointNotFoundError(f"{p}: no such file or directory", path=p)
-    if layout is not None:
-        lay = get_layout(layout)
-        src = lay.locate(p)
-        if src is None:
-            raise UnknownLayoutError(f"{p}: no {lay.name} weight file ({quote_list(lay.weight_files)}) here",
-                                     layout=lay.name, path=str(p))
-        return Detection(lay, src, "chosen with --from")
-    hits: list[tuple[int, Layout, Source, str]] = []
-    for lay in LAYOUTS.values():
-        src = lay.locate(p)
-        if src is None:
-            continue
-        found = lay.detect(src)
-        if found:
-            hits.append((found[0], lay, src, found[1]))
-    if not hits:
-        listing = [f.name for f in p.iterdir()] if p.is_dir() else [p.name]
-        raise UnknownLayoutError(
-            f"{p}: no known adapter layout ({', '.join(LAYOUTS)}) matches {quote_list(sorted(listing))}; "
-            "pass --from LAYOUT if you know it", path=str(p))
-    best = max(h[0] for h in hits)
-    top = [h for h in hits if h[0] == best]
-    if len(top) > 1:
-        raise AmbiguousLayoutError(
-            f"{p}: matches {len(top)} layouts equally ({'; '.join(f'{h[1].name}: {h[3]}' for h in top)}); "
-            "pass --from LAYOUT to choose", candidates=[h[1].name for h in top], path=str(p))
-    _, lay, src, reason = top[0]
-    return Detection(lay, src, reason)
+#: finds a base model's ``config.json`` from its ``base_model_name_or_path`` (a Hub id): ``(path, note)``
+#: or ``(None, why not)``, never raising; :func:`lora_ckpt.hub.fetch_model_config` is the Hub's
+BaseConfigResolver = Callable[[str], tuple[Path | None, str | None]]
 
 
 def _model_config(base_config: PathLike | ModelConfig | None) -> ModelConfig | None:
@@ -100,7 +50,7 @@ def _model_config(base_config: PathLike | ModelConfig | None) -> ModelConfig | N
 
 def load_adapter(source: PathLike, *, layout: str | None = None,
                  base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
-                 scan_values: bool = True) -> Adapter:
+                 scan_values: bool = True, resolve_base_config: BaseConfigResolver | None = None) -> Adapter:
     """Read an adapter in any supported layout into the canonical :class:`~lora_ckpt.adapter.Adapter`.
 
     Args:
@@ -109,20 +59,24 @@ def load_adapter(source: PathLike, *, layout: str | None = None,
         base_config: the base model's ``config.json`` / ``params.json`` (for head counts and family).
         alpha: the alpha for layouts that do not record it (loralib) or to override one.
         scan_values: note tensors holding NaN/Inf (one extra read of the data).
+        resolve_base_config: finds the base config from ``base_model_name_or_path`` when no
+            ``base_config`` is given and it is not a local folder (pass
+            :func:`lora_ckpt.hub.fetch_model_config` to ask the Hub); None: no lookup.
 
     Example:
         >>> adapter = load_adapter("epoch_0/", base_config="llama/config.json")
     """
     det = detect_layout(source, layout=layout)
     logger.debug("%s: %s layout (%s)", source, det.layout.name, det.reason)
-    return read_detected(det, base_config=base_config, alpha=alpha, scan_values=scan_values)
+    return read_detected(det, base_config=base_config, alpha=alpha, scan_values=scan_values,
+                         resolve_base_config=resolve_base_config)
 
 
-def read_detected(det: Detection, *, base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
-                  use_hub: bool = True, scan_values: bool = True) -> Adapter:
+def read_detected(det: Detected, *, base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
+                  resolve_base_config: BaseConfigResolver | None = None, scan_values: bool = True) -> Adapter:
     """Read a detected source (``det.source.shapes_only`` reads shapes only); find the base model's
-    config from ``base_model_name_or_path`` when none was given (a local folder, or with ``use_hub``
-    the Hub)."""
+    config from ``base_model_name_or_path`` when none was given (a local folder, else through
+    ``resolve_base_config``, e.g. the Hub's)."""
     adapter = det.layout.read(det.source, ReadOptions(base_config=_model_config(base_config), alpha=alpha,
                                                       scan_values=scan_values))
     base = adapter.meta.base_model
@@ -131,11 +85,8 @@ def read_detected(det: Detection, *, base_config: PathLike | ModelConfig | None 
         if (Path(base) / "config.json").is_file():
             cfg = load_model_config(Path(base) / "config.json")
             how = f"base model config read from base_model_name_or_path {base!r}"
-        elif use_hub:  # a Hub repo id: only its config.json, cache first; a failure is a note, never an error here
-            from ..errors import LoraCkptError
-            from ..hub import fetch_model_config
-
-            path, how = fetch_model_config(base)
+        elif resolve_base_config is not None:  # e.g. a Hub repo id; a failure is a note, never an error here
+            path, how = resolve_base_config(base)
             if path is not None:
                 try:
                     cfg = load_model_config(path)
