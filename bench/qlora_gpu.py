@@ -83,8 +83,13 @@ def rand_weight(shape, dtype, gen):
 
 def check_identity() -> dict:
     gen = torch.Generator(device=DEV).manual_seed(1)
-    cases = [(dims((4096, 14336)), 64, 256, BF16), (dims((4096, 4096)), 64, 256, torch.float16),
-             ((96, 96), 64, 16, BF16), ((3, 16384 * 5), 32, 128, torch.float32), ((300, 128), 128, 25, BF16)]
+    cases = [
+        (dims((4096, 14336)), 64, 256, BF16),
+        (dims((4096, 4096)), 64, 256, torch.float16),
+        ((96, 96), 64, 16, BF16),
+        ((3, 16384 * 5), 32, 128, torch.float32),
+        ((300, 128), 128, 25, BF16),
+    ]
     bad = []
     n_checked = 0
     for shape, bs, sbs, base in cases:
@@ -93,8 +98,10 @@ def check_identity() -> dict:
             K.dequantize(nf4, dt).fill_(float("nan"))  # poison the allocator's next block
             ours, ref = K.dequantize(nf4, dt), nf4.to(dt)
             n_checked += 1
-            if not torch.equal(ours.view(torch.int16 if dt != torch.float32 else torch.int32),
-                               ref.view(torch.int16 if dt != torch.float32 else torch.int32)):
+            if not torch.equal(
+                ours.view(torch.int16 if dt != torch.float32 else torch.int32),
+                ref.view(torch.int16 if dt != torch.float32 else torch.int32),
+            ):
                 bad.append(f"{shape} bs={bs} sbs={sbs} base={base} -> {dt}")
     decode = {}
     n_out, k = dims((14336, 4096))
@@ -105,8 +112,10 @@ def check_identity() -> dict:
         ref = x.float() @ w.t()
         y = K.nf4_linear(x, nf4).float()
         base = (x @ nf4.to(BF16).t()).float()  # cuBLAS bf16, the torchao way
-        decode[t] = {"ours_rel": ((y - ref).norm() / ref.norm()).item(),
-                     "cublas_rel": ((base - ref).norm() / ref.norm()).item()}
+        decode[t] = {
+            "ours_rel": ((y - ref).norm() / ref.norm()).item(),
+            "cublas_rel": ((base - ref).norm() / ref.norm()).item(),
+        }
     x = torch.randn(300, k, generator=gen, device=DEV).to(BF16).requires_grad_()
     g = torch.randn(300, n_out, generator=gen, device=DEV).to(BF16)
     y1, y2 = K.nf4_linear(x, nf4), linear_nf4(x, nf4)
@@ -120,12 +129,16 @@ def bench_dequant(iters: int, sweep: bool) -> dict:
     gen = torch.Generator(device=DEV).manual_seed(2)
     ws = [to_nf4(rand_weight(dims((4096, 14336)), BF16, gen)) for _ in range(3)]  # rotate: 3 x 147 MB > L2
     n = ws[0]
-    nbytes = (n.quantized_data.numel() + n.quantized_scalers.numel() + 2 * n.quantization_factor.numel()
-              + 2 * n.numel())
+    nbytes = n.quantized_data.numel() + n.quantized_scalers.numel() + 2 * n.quantization_factor.numel() + 2 * n.numel()
     it = iter(range(10**9))
     torchao_ms = median_ms(lambda: ws[next(it) % 3].to(BF16), max(iters // 4, 10))
-    res = {"shape": n.shape, "bytes": nbytes, "torchao_ms": torchao_ms, "torchao_GBs": nbytes / torchao_ms / 1e6,
-           "configs": {}}
+    res = {
+        "shape": n.shape,
+        "bytes": nbytes,
+        "torchao_ms": torchao_ms,
+        "torchao_GBs": nbytes / torchao_ms / 1e6,
+        "configs": {},
+    }
     default = (K.DEQUANT_ROWS, K.DEQUANT_WARPS)
     configs = [(8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
     configs = list(dict.fromkeys((configs if DEV == "cuda" else configs[:2]) + [default])) if sweep else [default]
@@ -158,8 +171,16 @@ def bench_decode_sweep(iters: int) -> dict:
     ref_w = ws[0].to(BF16).float()
     xs = {t: torch.randn(t, k, generator=gen, device=DEV).to(BF16) for t in (1, 16, 32, 64)}
     configs = [  # BLOCK_N, BLOCKS_K, warps, stages
-        (64, 2, 4, 4), (64, 1, 4, 4), (128, 1, 4, 4), (128, 2, 8, 4), (64, 8, 8, 3), (32, 2, 4, 4), (32, 4, 4, 3),
-        (16, 4, 2, 4), (64, 4, 4, 3), (128, 1, 4, 3),
+        (64, 2, 4, 4),
+        (64, 1, 4, 4),
+        (128, 1, 4, 4),
+        (128, 2, 8, 4),
+        (64, 8, 8, 3),
+        (32, 2, 4, 4),
+        (32, 4, 4, 3),
+        (16, 4, 2, 4),
+        (64, 4, 4, 3),
+        (128, 1, 4, 3),
     ]
     if DEV == "cpu":
         configs = configs[:2]
@@ -167,7 +188,7 @@ def bench_decode_sweep(iters: int) -> dict:
     it = iter(range(10**9))
     out: dict = {"configs": {}}
     for cfg in configs:
-        for knob, v in zip(DECODE_KNOBS, cfg):
+        for knob, v in zip(DECODE_KNOBS, cfg, strict=True):
             setattr(K, knob, v)
         try:
             errs = []
@@ -178,13 +199,13 @@ def bench_decode_sweep(iters: int) -> dict:
                 out["configs"][str(cfg)] = f"WRONG rel err {errs}"
                 continue
             out["configs"][str(cfg)] = median_ms(lambda: K.nf4_linear(xs[16], ws[next(it) % 4]), iters)
-        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+        except Exception as e:
             out["configs"][str(cfg)] = repr(e)[:200]
     timed = {c: v for c, v in out["configs"].items() if isinstance(v, float)}
     best = {str(c): c for c in configs}[min(timed, key=timed.get)]
-    for knob, v in zip(DECODE_KNOBS, best):
+    for knob, v in zip(DECODE_KNOBS, best, strict=True):
         setattr(K, knob, v)
-    out["chosen"] = dict(zip(DECODE_KNOBS, best))
+    out["chosen"] = dict(zip(DECODE_KNOBS, best, strict=True))
     cross = {}
     for t, x in xs.items():
         K.DECODE_MAX_TOKENS = 64
@@ -267,12 +288,17 @@ def build(t, k, n, r, n_layers, gen, decode):
         with torch.no_grad():
             lora.lora_A.weight.copy_(a)
             lora.lora_B.weight.copy_(b)
-        row = {"frozen": frozen, "bf16_lora": lora, "torchtune_qlora": TorchtuneQLoRA(nf4, a, b, alpha, r),
-               "ours_nf4_linear": OursDropIn(nf4, a, b, alpha, r), "ours_fused": OursFused(nf4, a, b, alpha, r)}
+        row = {
+            "frozen": frozen,
+            "bf16_lora": lora,
+            "torchtune_qlora": TorchtuneQLoRA(nf4, a, b, alpha, r),
+            "ours_nf4_linear": OursDropIn(nf4, a, b, alpha, r),
+            "ours_fused": OursFused(nf4, a, b, alpha, r),
+        }
         if decode:
             try:
                 row["peft_bnb"] = peft_bnb(wd, a, b, alpha, r)
-            except Exception as e:  # noqa: BLE001 - bitsandbytes is optional here
+            except Exception as e:
                 print(f"peft+bnb unavailable: {e!r}"[:300], file=sys.stderr)
         for name, m in row.items():
             layers.setdefault(name, []).append(m)
@@ -315,8 +341,9 @@ def bench_layers(iters: int, rounds: int) -> list[dict]:
                     base_mem = torch.cuda.memory_allocated()
                 samples["fwdbwd"].setdefault(name, []).append(median_ms(lambda ms=ms: fwdbwd(ms), iters // rounds))
                 if DEV == "cuda":
-                    row["peak_MiB"][name] = max(row["peak_MiB"].get(name, 0),
-                                                (torch.cuda.max_memory_allocated() - base_mem) / 2**20)
+                    row["peak_MiB"][name] = max(
+                        row["peak_MiB"].get(name, 0), (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+                    )
                 samples["fwd"].setdefault(name, []).append(median_ms(lambda ms=ms: fwd(ms), iters // rounds))
         row["rounds"] = samples
         for kind in ("fwdbwd", "fwd"):
@@ -340,8 +367,12 @@ def main(argv: list[str] | None = None) -> int:
 
     global DEV
     DEV = "cpu" if args.smoke else "cuda"
-    res = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
-           "kernels_on": K.triton_enabled("cuda")}
+    res = {
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "kernels_on": K.triton_enabled("cuda"),
+    }
     res["copy_GBs"] = copy_bandwidth()
     print(f"{res['device']} torch {res['torch']} triton {res['triton']}; copy {res['copy_GBs']:.0f} GB/s", flush=True)
     torch.manual_seed(0)
@@ -349,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     def section(name, fn):  # one failing section must not cost the rest of a device call
         try:
             res[name] = fn()
-        except Exception:  # noqa: BLE001 - reported, and the other sections still run
+        except Exception:
             traceback.print_exc()
             res[name] = None
         if args.json:
@@ -361,12 +392,15 @@ def main(argv: list[str] | None = None) -> int:
         print("identity:", json.dumps(res["identity"]), flush=True)
     d = section("dequant", lambda: bench_dequant(args.iters, args.sweep))
     if d:
-        print(f"dequant {tuple(d['shape'])}: ours {d['ours_ms'] * 1e3:.1f} us {d['ours_GBs']:.0f} GB/s; torchao "
-              f"{d['torchao_ms'] * 1e3:.1f} us {d['torchao_GBs']:.0f} GB/s; {d['torchao_ms'] / d['ours_ms']:.1f}x; "
-              f"chosen {d['chosen (rows,warps)']}; all {json.dumps(d['configs'])}", flush=True)
+        print(
+            f"dequant {tuple(d['shape'])}: ours {d['ours_ms'] * 1e3:.1f} us {d['ours_GBs']:.0f} GB/s; torchao "
+            f"{d['torchao_ms'] * 1e3:.1f} us {d['torchao_GBs']:.0f} GB/s; {d['torchao_ms'] / d['ours_ms']:.1f}x; "
+            f"chosen {d['chosen (rows,warps)']}; all {json.dumps(d['configs'])}",
+            flush=True,
+        )
     if args.sweep and section("decode_sweep", lambda: bench_decode_sweep(args.iters)):
         print("decode sweep", DECODE_KNOBS, "-> ms:", json.dumps(res["decode_sweep"]), flush=True)
-    res["settings"] = {k: getattr(K, k) for k in DECODE_KNOBS + ("DECODE_MAX_TOKENS", "DEQUANT_ROWS", "DEQUANT_WARPS")}
+    res["settings"] = {k: getattr(K, k) for k in (*DECODE_KNOBS, "DECODE_MAX_TOKENS", "DEQUANT_ROWS", "DEQUANT_WARPS")}
     print("settings for the table:", res["settings"], flush=True)
     if not section("layers", lambda: bench_layers(args.iters, rounds=4 if DEV == "cuda" else 1)):
         return 1

@@ -128,7 +128,7 @@ def test_lora_linear_decode_and_training(tokens):
     ref = xd @ nf4.to(BF16).double().t() + 2.0 * (xd @ ad.t()) @ bd.t()
     ref_grads = torch.autograd.grad(ref, ref_in, g.double())
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
-    for ours, want in zip(grads, ref_grads):
+    for ours, want in zip(grads, ref_grads, strict=True):
         assert ((ours.double() - want).norm() / want.norm()).item() < 1e-2
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-torchao_nf4 = pytest.importorskip("torchao.dtypes.nf4tensor")
+from torchao.dtypes import nf4tensor as torchao_nf4
 
 from lora_ckpt import nf4_kernels as K
 from lora_ckpt.errors import UsageError
@@ -59,7 +58,7 @@ def test_nf4_lora_linear_equals_lora_layer_on_dequantized_weight():
     ours = K.nf4_lora_linear(x, nf4, a, b, scale=layer.scaling)
     ref = layer(x)
     assert torch.equal(ours, ref)
-    for p, q in zip(torch.autograd.grad(ours, (x, a, b), g), torch.autograd.grad(ref, (x, a, b), g)):
+    for p, q in zip(torch.autograd.grad(ours, (x, a, b), g), torch.autograd.grad(ref, (x, a, b), g), strict=True):
         assert torch.equal(p, q)
 
 
