@@ -18,9 +18,10 @@ round-to-nearest-even to ``D`` after each op, so the result is bit-identical to 
 The rounding to bfloat16 is done on the bits (not with a cast) because Triton's interpreter truncates in
 its bfloat16 cast while the GPU rounds to nearest: the bit version gives one answer on both.
 
-Entry points: :func:`dequantize` and :func:`nf4_linear` (autograd: the input gradient dequantizes again,
-nothing but the quantized weight is kept for backward). On CPU, or where Triton is not installed, both
-fall back to torchao's own path, which gives the same results.
+Entry points: :func:`dequantize`, :func:`nf4_linear` (autograd: the input gradient dequantizes again,
+nothing but the quantized weight is kept for backward) and :func:`nf4_lora_linear` (a whole QLoRA layer).
+On CPU, or where Triton is not installed, they use torchao's own dequantization: the same results.
+Measured on an H200: bench/RESULTS.md, section "qlora_gpu".
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ import os
 from typing import Any
 
 import torch
+from torchao.dtypes.nf4tensor import NF4Tensor, linear_nf4
+
+from .errors import UsageError
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU wheels have none.
     import triton
@@ -64,10 +68,6 @@ def triton_enabled(device: torch.device | str) -> bool:
 
 
 def _check_nf4(weight: Any) -> None:
-    from torchao.dtypes.nf4tensor import NF4Tensor
-
-    from .errors import UsageError
-
     if not isinstance(weight, NF4Tensor):
         raise UsageError(f"expected a torchao NF4Tensor weight, found {type(weight).__name__}; quantize it with to_nf4")
 
@@ -262,6 +262,8 @@ def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
     """
     _check_nf4(weight)
     if not _kernel_ok(weight, dtype):  # e.g. a transposed view, which torchao dequantizes its own way
+        if weight.quantized_data.is_cuda:
+            logger.debug("NF4 dequantize of %s falls back to torchao (layout not covered by the kernel)", weight)
         return weight.to(dtype)
     return _dequant_triton(weight, dtype)
 
@@ -319,8 +321,6 @@ def nf4_linear(x: torch.Tensor, weight: Any) -> torch.Tensor:
     """
     _check_nf4(weight)
     if not triton_enabled(weight.quantized_data.device):
-        from torchao.dtypes.nf4tensor import linear_nf4
-
         return linear_nf4(x, weight)
     return _NF4Linear.apply(x, weight)
 
