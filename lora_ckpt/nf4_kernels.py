@@ -13,10 +13,9 @@ each op in float32 and rounds the result to ``D``)::
     scaler = (q_scaler / factor) + mean          # two ops, each rounded to D
     value  = nf4[code] * scaler                  # rounded to D, then cast to the requested dtype
 
-The kernels below redo exactly that: float32 arithmetic, a correctly rounded division (``div_rn``) and a
-round-to-nearest-even to ``D`` after each op, so the result is bit-identical to ``NF4Tensor.to(dtype)``.
-The rounding to bfloat16 is done on the bits (not with a cast) because Triton's interpreter truncates in
-its bfloat16 cast while the GPU rounds to nearest: the bit version gives one answer on both.
+The kernels redo exactly that: float32 arithmetic, a correctly rounded division (``div_rn``), a rounding
+to nearest-even to ``D`` after each op: bit-identical to ``NF4Tensor.to(dtype)``. The bfloat16 rounding is
+done on the bits, since Triton's interpreter truncates in its cast (the GPU rounds): one answer on both.
 
 Entry points: :func:`dequantize`, :func:`nf4_linear` (autograd: the input gradient dequantizes again,
 nothing but the quantized weight is kept for backward) and :func:`nf4_lora_linear` (a whole QLoRA layer).
@@ -42,7 +41,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-__all__ = ["dequantize", "nf4_linear", "nf4_lora_linear", "triton_enabled"]
+__all__ = ["addmm_nf4_", "dequantize", "nf4_linear", "nf4_lora_linear", "triton_enabled"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +50,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Token counts up to this take the fused dequantize-in-the-matmul kernel (decode); more take dequant + GEMM.
 #: (One 16-token tile: at 32 and 64 tokens dequant + cuBLAS measured 1.6x and 3x faster on an H200.)
 DECODE_MAX_TOKENS = 16
-# Dtype codes passed to the kernels as constexprs.
-_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dtype codes, constexprs of the kernels
 
 
 def triton_enabled(device: torch.device | str) -> bool:
@@ -199,16 +197,11 @@ if triton is not None:
 
 
 #: Launch shapes, from the sweeps of bench/qlora_gpu.py on an H200 (bench/RESULTS.md, "qlora_gpu").
-#: Dequant: 32 blocks of 64 = 2048 values (4 KiB of bf16 out) per program, 4 warps: small programs, many
-#: resident per SM. Fastest in the first sweep; all shapes from 8 to 256 blocks were within noise in the second.
-DEQUANT_ROWS = 32
-DEQUANT_WARPS = 4
+#: Dequant: 32 blocks of 64 (4 KiB of bf16 out) per program, 4 warps: small programs, many per SM.
 #: Decode: 64 features x 2 blocks of 64 columns per step (64 contiguous bytes per feature row per load),
 #: 4 stages of loads in flight; wider feature tiles amortize the x loads over more weight bytes.
-DECODE_BLOCK_N = 64
-DECODE_BLOCKS_K = 2
-DECODE_WARPS = 4
-DECODE_STAGES = 4
+DEQUANT_ROWS, DEQUANT_WARPS = 32, 4
+DECODE_BLOCK_N, DECODE_BLOCKS_K, DECODE_WARPS, DECODE_STAGES = 64, 2, 4, 4
 
 
 def _dequant_triton(weight: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -256,14 +249,13 @@ def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
         UsageError: ``weight`` is not an ``NF4Tensor``.
 
     Example:
-        >>> w = to_nf4(torch.randn(128, 64, dtype=torch.bfloat16))
+        >>> w = to_nf4(torch.randn(256, 64, dtype=torch.bfloat16))
         >>> torch.equal(dequantize(w, torch.bfloat16), w.to(torch.bfloat16))
         True
     """
     _check_nf4(weight)
     if not _kernel_ok(weight, dtype):  # e.g. a transposed view, which torchao dequantizes its own way
-        if weight.quantized_data.is_cuda:
-            logger.debug("NF4 dequantize of %s falls back to torchao (layout not covered by the kernel)", weight)
+        logger.debug("NF4 dequantize of %s to %s: torchao's path", weight, dtype)
         return weight.to(dtype)
     return _dequant_triton(weight, dtype)
 
@@ -291,9 +283,8 @@ class _NF4Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         (weight,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad_out @ dequantize(weight, grad_out.dtype), None
+        gx = grad_out @ dequantize(weight, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return gx, None
 
 
 def nf4_linear(x: torch.Tensor, weight: Any) -> torch.Tensor:
@@ -315,14 +306,38 @@ def nf4_linear(x: torch.Tensor, weight: Any) -> torch.Tensor:
         UsageError: ``weight`` is not an ``NF4Tensor``.
 
     Example:
-        >>> w = to_nf4(torch.randn(128, 64, dtype=torch.bfloat16))
+        >>> w = to_nf4(torch.randn(256, 64, dtype=torch.bfloat16))
         >>> nf4_linear(torch.randn(2, 64, dtype=torch.bfloat16), w).shape
-        torch.Size([2, 128])
+        torch.Size([2, 256])
     """
     _check_nf4(weight)
     if not triton_enabled(weight.quantized_data.device):
         return linear_nf4(x, weight)
     return _NF4Linear.apply(x, weight)
+
+
+def addmm_nf4_(out: torch.Tensor, x: torch.Tensor, weight: Any) -> torch.Tensor:
+    """``out += x @ dequantize(weight).T`` in place, one rounding (as ``out.addmm_``); no autograd.
+
+    The one call for a layer's frozen-NF4 product: up to :data:`DECODE_MAX_TOKENS` tokens on CUDA the fused
+    decode kernel accumulates into ``out`` without materializing the weight; otherwise
+    ``out.addmm_(x, dequantize(weight, x.dtype).t())``.
+
+    Args:
+        out: a contiguous ``(T, out_features)`` tensor in ``x``'s dtype.
+        x: ``(T, in_features)``.
+        weight: a torchao ``NF4Tensor`` of shape ``(out_features, in_features)``.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        UsageError: ``weight`` is not an ``NF4Tensor``.
+    """
+    _check_nf4(weight)
+    if out.is_contiguous() and _use_decode(x, weight):
+        return _decode_triton(x, weight, acc=out)
+    return out.addmm_(x, dequantize(weight, x.dtype).t())
 
 
 class _NF4LoRALinear(torch.autograd.Function):
@@ -338,11 +353,7 @@ class _NF4LoRALinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: Any, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         hs = torch.mm(x2, a.t()).mul_(s)
-        out = torch.mm(hs, b.t())
-        if _use_decode(x2, weight):
-            out = _decode_triton(x2, weight, acc=out)
-        else:
-            out.addmm_(x2, dequantize(weight, x.dtype).t())
+        out = addmm_nf4_(torch.mm(hs, b.t()), x2, weight)
         ctx.save_for_backward(x, weight, a, b, hs)
         ctx.s = s
         return out.view(*x.shape[:-1], weight.shape[0])

@@ -102,6 +102,17 @@ def test_decode_kernel_tile_widths(fused_only, monkeypatch, blocks_k):
     assert ((K.nf4_linear(x, nf4).double() - ref).norm() / ref.norm()).item() < 4e-3
 
 
+@pytest.mark.parametrize("tokens", [3, 20])
+def test_addmm_nf4_accumulates_in_place(fused_only, tokens):
+    nf4 = to_nf4(weight((64, 128), BF16, seed=5), scaler_block_size=16)
+    x = torch.randn(tokens, 128, dtype=BF16)
+    out = torch.randn(tokens, 64, dtype=BF16)
+    ref = out.double() + x.double() @ fused_only(nf4).double().t()
+    res = K.addmm_nf4_(out, x, nf4)
+    assert res is out
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
 def test_training_path_bit_identical_to_linear_nf4():
     nf4 = to_nf4(weight((48, 128), BF16, seed=3), scaler_block_size=16)
     x = torch.randn(70, 128, dtype=BF16, requires_grad=True)  # > 64 tokens: dequant kernel + matmul
