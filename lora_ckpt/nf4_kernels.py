@@ -157,8 +157,7 @@ if triton is not None:
         CK: tl.constexpr = BLOCKS_K * HALF  # byte columns (= pairs of weight columns) per step
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        nmask = n < N
-        tmask = t < T
+        nmask, tmask = n < N, t < T
         kb_per_row = K // BLOCK_SIZE
         j = tl.arange(0, BLOCKS_K)
         xc = tl.arange(0, 2 * CK)
@@ -266,6 +265,7 @@ def _use_decode(x: torch.Tensor, weight: Any) -> bool:
         x.numel() <= DECODE_MAX_TOKENS * x.shape[-1]
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.shape[1] % weight.block_size == 0
+        and weight.block_size * DECODE_BLOCKS_K >= 32  # tl.dot needs K >= 16 per step
         and _kernel_ok(weight, x.dtype)
     )
 
