@@ -6,9 +6,7 @@ inputs are released as soon as a block is done, so memory stays at a few write u
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import json
 import math
 import mmap
 import os
@@ -24,7 +22,7 @@ import torch
 from .adapter import ModuleLoRA
 from .errors import CheckpointFormatError, ConversionError
 from .experts import ExpertLoRA
-from .io import DTYPES, TensorInfo, read_safetensors_header
+from .io import DTYPES, TensorInfo, byte_view, read_safetensors_header, safetensors_header, write_all
 from .rope import rotate_half_to_interleaved
 
 __all__ = ["BaseTensor", "OutTensor", "Streamer", "plan_shards", "shard_header", "write_shard"]
@@ -90,14 +88,8 @@ def plan_shards(plan: list[OutTensor], limit: int | None) -> list[list[OutTensor
 
 
 def shard_header(shard: list[OutTensor]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for o in shard:
-        header[o.key] = {"dtype": o.dtype, "shape": list(o.shape), "data_offsets": [offset, offset + o.nbytes]}
-        offset += o.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # as safetensors pads: data starts 8-byte aligned
-    return len(raw).to_bytes(8, "little") + raw
+    """The shard's header bytes, tensors in ``shard``'s order (as safetensors formats a header)."""
+    return safetensors_header([(o.key, o.dtype, o.shape, o.nbytes) for o in shard], {"format": "pt"})
 
 
 # ------------------------------------------------------------------------------- writing
@@ -133,7 +125,7 @@ class Streamer:
             try:
                 if job[0] == "block":
                     _, f, block, slot = job
-                    _write_all(f, block)
+                    write_all(f, block)
                     self.free.put(slot)
                     self.bar.update(block.numel() * block.element_size())
                 else:
@@ -333,7 +325,7 @@ class Streamer:
             if not done:
                 buf = self._buf("copy", n, torch.uint8)
                 _pread_into(fd_in, buf, pos)
-                _write_all(f, buf)
+                write_all(f, buf)
                 done = n
             pos += done
             self.bar.update(done)
@@ -344,30 +336,14 @@ def _close_map(mm: mmap.mmap) -> None:
         mm.close()
 
 
-def _byte_view(t: torch.Tensor) -> memoryview:
-    """A writable, zero-copy byte view of a contiguous CPU tensor's memory, without numpy (not a
-    dependency of lora-ckpt: ``Tensor.numpy()`` fails where it is not installed). The caller keeps
-    ``t`` alive while the view is used."""
-    n = t.numel() * t.element_size()
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
-
-
 def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
-    view = _byte_view(buf)
+    view = byte_view(buf)
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
         if n == 0:
             raise CheckpointFormatError(f"unexpected end of file at byte {offset + got}; the base shard is truncated")
         got += n
-
-
-def _write_all(f: BinaryIO, t: torch.Tensor) -> None:
-    t = t.contiguous()
-    view = _byte_view(t)
-    while view:
-        n = f.write(view)
-        view = view[n:]
 
 
 # ---------------------------------------------------------------------------------- API

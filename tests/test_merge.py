@@ -351,7 +351,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_disk_full_in_writer_thread_leaves_nothing(tmp_path, monkeypatch):
-    real, calls = stream_mod._write_all, []
+    real, calls = stream_mod.write_all, []
 
     def full(f, t):
         calls.append(1)
@@ -359,7 +359,7 @@ def test_disk_full_in_writer_thread_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(f, t)
 
-    monkeypatch.setattr(stream_mod, "_write_all", full)
+    monkeypatch.setattr(stream_mod, "write_all", full)
     monkeypatch.setattr(stream_mod, "WRITE_BYTES", 4096)  # many write units
     with pytest.raises(OutputPathError, match="No space left"):
         merge_checkpoint(FIX / "hf/llama", FIX / "peft/llama-lora", tmp_path / "m", progress=False)

@@ -1,6 +1,6 @@
 """Tensors on disk, torch-free at import: the safetensors header (:mod:`.header`), loading and
-writing tensors (:mod:`.tensors`), shapes and dtypes without torch (:mod:`.index`), checkpoint
-discovery (:mod:`.discover`) and atomic output (:mod:`.output`)."""
+writing tensors (:mod:`.tensors`; safetensors streamed by :mod:`.writing`), shapes and dtypes without
+torch (:mod:`.index`), checkpoint discovery (:mod:`.discover`) and atomic output (:mod:`.output`)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from .tensors import (
     save_tensors,
     unwrap_state_dict,
 )
+from .writing import DATA_ORDER, byte_view, safetensors_header, write_all, write_safetensors
 
 __all__ = [
-    "DTYPES", "INDEX_SUFFIXES", "MAX_HEADER_BYTES", "STATE_DICT_KEYS", "VALUE_SCAN_LIMIT", "WEIGHT_SUFFIXES",
-    "PathLike", "SafetensorsHeader", "TensorInfo", "TensorMeta", "atomic_output", "checkpoint_files", "index_shards",
-    "load_pickle", "load_safetensors", "load_tensors", "nonfinite", "nonfinite_tensors", "read_json",
-    "read_safetensors_header", "release_file_pages", "save_tensors", "tensor_index", "unwrap_state_dict",
+    "DATA_ORDER", "DTYPES", "INDEX_SUFFIXES", "MAX_HEADER_BYTES", "STATE_DICT_KEYS", "VALUE_SCAN_LIMIT",
+    "WEIGHT_SUFFIXES", "PathLike", "SafetensorsHeader", "TensorInfo", "TensorMeta", "atomic_output", "byte_view",
+    "checkpoint_files", "index_shards", "load_pickle", "load_safetensors", "load_tensors", "nonfinite",
+    "nonfinite_tensors", "read_json", "read_safetensors_header", "release_file_pages", "safetensors_header",
+    "save_tensors", "tensor_index", "unwrap_state_dict", "write_all", "write_safetensors",
 ]

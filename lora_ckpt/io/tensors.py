@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, OutputPathError, UnsafeCheckpointError
 from .header import DTYPES, PathLike, read_safetensors_header
+from .writing import write_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -132,27 +133,32 @@ def load_tensors(path: PathLike) -> dict[str, torch.Tensor]:
     return load_pickle(path)
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, pickle: bool = False,
+def save_tensors(tensors: Mapping[str, Any], path: Path, *, pickle: bool = False,
                  metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (safetensors, or a torch pickle); a failed write is an :class:`OutputPathError`."""
-    import torch  # torch-free import of lora_ckpt
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    """Write tensors: safetensors streamed one tensor at a time (:func:`.writing.write_safetensors`,
+    byte-identical to ``safetensors.torch.save_file``; views, shared storage and non-contiguous
+    tensors are fine and copied only while written), or a torch pickle (``pickle``: each tensor made
+    contiguous, a container dict one level deep kept as is).
 
-    if not pickle:  # safetensors refuses tensors sharing storage (views of one stacked factor): copy the others
-        seen: set[int] = set()
-        tensors = dict(tensors)
-        for k, t in tensors.items():
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen and t.numel():
-                tensors[k] = t.clone()
-            seen.add(ptr)
+    Args:
+        tensors: name -> tensor (for a pickle, also name -> dict of tensors).
+        path: the output file.
+        pickle: write ``torch.save``'s format instead of safetensors.
+        metadata: safetensors ``__metadata__``; None writes ``{"format": "pt"}``.
+
+    Raises:
+        OutputPathError: writing failed (full disk, permissions); nothing was written.
+    """
+    if not pickle:
+        write_safetensors(tensors, path, metadata=metadata if metadata is not None else {"format": "pt"})
+        return
+    import torch  # torch-free import of lora_ckpt
+
+    obj = {k: {kk: vv.contiguous() for kk, vv in v.items()} if isinstance(v, Mapping) else v.contiguous()
+           for k, v in tensors.items()}
     try:
-        if pickle:
-            torch.save(tensors, path)
-        else:
-            save_file(tensors, path, metadata=metadata if metadata is not None else {"format": "pt"})
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch reports a full disk as RuntimeError
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
         reason = (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
         raise OutputPathError(f"{path}: writing the output failed ({reason}); free space or choose another "
                               "output; nothing was written", path=path) from e
