@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     from .experts import ExpertLoRA
 
-__all__ = ["Adapter", "AdapterMeta", "ModuleKind", "ModuleLoRA"]
+__all__ = ["Adapter", "AdapterMeta", "ModuleKind", "ModuleLoRA", "stacked_view"]
 
 ModuleKind = Literal["linear", "embedding"]
 
@@ -165,3 +166,24 @@ def alpha_for(scale: float, r: int, *, rslora: bool = False) -> float | int:
     """The PEFT ``lora_alpha`` that gives ``scale`` at rank ``r`` (an int when exact)."""
     a = scale * (math.sqrt(r) if rslora else r)
     return round(a) if abs(a - round(a)) < 1e-9 * max(1.0, abs(a)) else a
+
+
+def stacked_view(ts: Sequence[Any]) -> torch.Tensor | None:
+    """``torch.stack(ts)`` as a view, when ``ts`` are equally strided views of one storage at evenly
+    spaced offsets (what splitting a stacked tensor gives); else None. Same values as the stack, no copy.
+
+    Example:
+        >>> w = torch.arange(12.0).reshape(3, 4)
+        >>> stacked_view([w[0], w[1], w[2]]).data_ptr() == w.data_ptr()
+        True
+    """
+    import torch
+
+    t0 = ts[0]
+    if not all(isinstance(t, torch.Tensor) and t.shape == t0.shape and t.stride() == t0.stride() and t.dtype == t0.dtype
+               and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr() for t in ts):
+        return None
+    step = ts[1].storage_offset() - t0.storage_offset() if len(ts) > 1 else 0
+    if step < 0 or any(t.storage_offset() != t0.storage_offset() + e * step for e, t in enumerate(ts)):
+        return None
+    return t0.as_strided((len(ts), *t0.shape), (step, *t0.stride()), t0.storage_offset())

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .adapter import ModuleLoRA
+from .adapter import ModuleLoRA, stacked_view
 from .errors import ConversionError, LayoutError, UnsupportedAdapterError, quote_list
 from .families import FAMILIES, Family, Fused, ModelConfig, template_regex
 from .io import TensorMeta
@@ -366,11 +366,17 @@ def stack_experts(family: Family | None, modules: dict[str, ModuleLoRA], *, n_ex
             E = max(n_experts or 0, max(experts) + 1)
             r = max(m.rank for m in mods.values())
             like = next(iter(mods.values()))
-            A = torch.zeros(E, r, like.A.shape[1], dtype=like.A.dtype)
-            B = torch.zeros(E, like.B.shape[0], r, dtype=like.B.dtype)
-            for e, m in mods.items():
-                p = m.padded(r)
-                A[e], B[e] = p.A, p.B
+            whole = sorted(mods) == list(range(E)) and {m.rank for m in mods.values()} == {r}
+            A_view = stacked_view([mods[e].A for e in range(E)]) if whole else None
+            B_view = stacked_view([mods[e].B for e in range(E)]) if whole else None
+            if A_view is not None and B_view is not None:  # views of one stacked tensor (split fused experts)
+                A, B = A_view, B_view
+            else:
+                A = torch.zeros(E, r, like.A.shape[1], dtype=like.A.dtype)
+                B = torch.zeros(E, like.B.shape[0], r, dtype=like.B.dtype)
+                for e, m in mods.items():
+                    p = m.padded(r)
+                    A[e], B[e] = p.A, p.B
             out[switch.format(*key)] = (A, B, like.scale)
             used.update(experts.values())
     return out, used

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from lora_ckpt.adapter import stacked_view
 from lora_ckpt.errors import OutputPathError, StateDictError, UsageError
 from lora_ckpt.io import DATA_ORDER, DTYPES, byte_view, load_safetensors, read_safetensors_header, save_tensors, write_safetensors
 
@@ -185,3 +186,20 @@ def test_refusals_are_typed_and_write_nothing(tmp_path):
         with pytest.raises(err, match=match):
             write_safetensors(tensors, out, metadata=metadata)
         assert list(tmp_path.iterdir()) == []
+
+
+def test_stacked_view_is_the_stack_without_a_copy():
+    """Per-expert views of one stacked factor re-stack as a view (mlx's switch_mlp from PEFT's fused
+    experts, whose B is interleaved: a permuted view); anything else is left to a real stack."""
+    A = torch.randn(6, 3, 5)
+    B = torch.randn(4, 2 * 6).reshape(4, 2, 6).permute(2, 0, 1)  # PEFT's (out, r·E) -> (E, out, r)
+    for stack in (A, B, B[:, :2], B[:, 2:]):
+        parts = list(stack.unbind(0))
+        v = stacked_view(parts)
+        assert v is not None and torch.equal(v, torch.stack(parts)) and v.data_ptr() == stack.data_ptr()
+    assert stacked_view([A[0], A[2], A[1]]) is None  # not evenly spaced upwards
+    assert stacked_view([A[0], A[1].clone()]) is None  # two storages
+    sq = torch.randn(2, 3, 3)
+    assert stacked_view([sq[0], sq[1].T]) is None  # same shape, other strides
+    one = stacked_view([A[3]])
+    assert one is not None and torch.equal(one, A[3:4])

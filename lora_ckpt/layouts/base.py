@@ -329,7 +329,8 @@ class Layout(LayoutSpec):
         return max(adapter.ranks(), default=0)
 
     def tensors_for(self, adapter: Adapter, model_cfg: ModelConfig | None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under this layout's keys, rows and orientation."""
+        """The adapter's tensors under this layout's keys, rows and orientation: views where they
+        can be (transposes, slices of the source), made contiguous one at a time by :func:`save_tensors`."""
         work = Adapter({n: ModuleLoRA(**vars(m)) for n, m in adapter.modules.items()}, adapter.extra, adapter.meta)
         self._rope(work, model_cfg, to_hf=False)
         family = model_cfg.family if model_cfg else FAMILIES.get(adapter.meta.family or "")
@@ -348,9 +349,9 @@ class Layout(LayoutSpec):
                 ("magnitude", m.magnitude), ("bias", m.bias))
             for role, t in roles:
                 if t is not None:
-                    out[self.key(name, role)] = t.contiguous()
+                    out[self.key(name, role)] = t
         for k, v in work.extra.items():
-            out[self.prefix + k] = v.contiguous()
+            out[self.prefix + k] = v
         if adapter.experts:
             out.update(self.expert_tensors(adapter.experts))
         return out

@@ -141,7 +141,7 @@ class MlxLayout(Layout):
         out = super().tensors_for(replace(adapter, modules={n: m for n, m in adapter.modules.items()
                                                              if n not in used}), model_cfg)
         for name, (A, B, _scale) in stacked.items():  # switch factors are not transposed
-            out[self.key(name, "A")], out[self.key(name, "B")] = A.contiguous(), B.contiguous()
+            out[self.key(name, "A")], out[self.key(name, "B")] = A, B  # views: save_tensors copies one at a time
         return out
 
     def write_config(self, adapter: Adapter, out: Path, opts: WriteOptions) -> None:

@@ -71,7 +71,7 @@ class NativeLayout(Layout):
     def expert_tensors(self, experts: dict[str, ExpertLoRA]) -> dict[str, Any]:
         out = {}
         for name, x in experts.items():
-            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = x.A.contiguous(), x.B.contiguous()
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = x.A, x.B  # views: save_tensors copies one at a time
         return out
 
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
