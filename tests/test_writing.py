@@ -16,7 +16,15 @@ from safetensors.torch import load_file, save_file
 
 from lora_ckpt.adapter import stacked_view
 from lora_ckpt.errors import OutputPathError, StateDictError, UsageError
-from lora_ckpt.io import DATA_ORDER, DTYPES, byte_view, load_safetensors, read_safetensors_header, save_tensors, write_safetensors
+from lora_ckpt.io import (
+    DATA_ORDER,
+    DTYPES,
+    byte_view,
+    load_safetensors,
+    read_safetensors_header,
+    save_tensors,
+    write_safetensors,
+)
 
 TORCH_DTYPES = [getattr(torch, name) for _, name in DTYPES.values()]
 names = st.text(max_size=10).filter(lambda s: s != "__metadata__")  # any unicode, quotes, control characters
