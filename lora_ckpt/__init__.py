@@ -21,6 +21,7 @@ _EXPORTS = {  # public name -> submodule (None: the submodule itself)
     "convert": "conversion",
     "errors": None,
     "hub": None,
+    "init_empty_weights": "empty",
     "inject_lora": "inject",
     "inspect_checkpoint": "report",
     "inspect_source": "report",
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import errors, hub
     from .adapter import Adapter
     from .conversion import convert, verify
+    from .empty import init_empty_weights
     from .layouts import load_adapter, save_adapter
     from .checkpoint import LoadResult, load_checkpoint, read_checkpoint
     from .inject import adapter_state_dict, inject_lora, stock_state_dict
