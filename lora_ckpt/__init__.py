@@ -17,6 +17,7 @@ _EXPORTS = {  # public name -> submodule (None: the submodule itself)
     "LoadResult": "checkpoint",
     "MergeResult": "merge",
     "adapter_state_dict": "inject",
+    "apply_adapter": "transfer",
     "check_source": "check",
     "convert": "conversion",
     "errors": None,
@@ -29,7 +30,7 @@ _EXPORTS = {  # public name -> submodule (None: the submodule itself)
     "load_checkpoint": "checkpoint",
     "merge_checkpoint": "merge",
     "read_checkpoint": "checkpoint",
-    "save_adapter": "layouts",
+    "save_adapter": "transfer",
     "stock_state_dict": "inject",
     "verify": "conversion",
 }
@@ -41,11 +42,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .adapter import Adapter
     from .conversion import convert, verify
     from .empty import init_empty_weights
-    from .layouts import load_adapter, save_adapter
+    from .layouts import load_adapter
     from .checkpoint import LoadResult, load_checkpoint, read_checkpoint
     from .inject import adapter_state_dict, inject_lora, stock_state_dict
     from .layer import LoRALinear
     from .report import inspect_checkpoint, inspect_source
+    from .transfer import apply_adapter, save_adapter
 
 
 def __getattr__(name: str) -> Any:
