@@ -190,6 +190,19 @@ def test_apply_state_dicts_with_peft_prefixes_and_default_names():
         apply_adapter(model, {**saved, "base_model.model.model.norm.weight": torch.ones(64)})
 
 
+def test_a_peft_models_own_state_dict_loads_strict_into_an_injected_model():
+    """PEFT's in-memory keys (``base_layer.weight``, ``lora_A.default.weight``) are a dialect of LoRALinear."""
+    from peft import PeftModel
+
+    with capture():
+        peft_model = PeftModel.from_pretrained(load_hf("llama"), str(PEFT_LORA)).eval()
+    model = load_hf("llama")
+    inject_lora(model, targets=ALL_LINEAR, r=4, alpha=8)
+    result = model.load_state_dict(peft_model.base_model.model.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert rel_diff(hf_logits(model), hf_logits(peft_model)) < 1e-6
+
+
 def test_apply_before_loading_the_base_is_refused():
     with lora_ckpt.init_empty_weights():
         from transformers import AutoConfig, AutoModelForCausalLM
