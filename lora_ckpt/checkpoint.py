@@ -20,7 +20,7 @@ from .errors import (
     StateDictError,
     quote_list,
 )
-from .files import PathLike, checkpoint_files, load_tensors
+from .io import PathLike, checkpoint_files, load_tensors
 from .keys import split_key
 
 __all__ = ["LoadResult", "load_checkpoint", "read_checkpoint"]

@@ -31,7 +31,7 @@ from .errors import (
     quote_list,
 )
 from .families import ModelConfig, model_config_from_dict
-from .files import PathLike
+from .io import PathLike
 from .inject import lora_class_for, lora_modules, mark_only_lora_trainable
 from .keys import split_key
 from .layer import LoRALinear
@@ -216,16 +216,14 @@ def _resolve(model: nn.Module, source: PathLike | Adapter | Mapping[str, torch.T
         return source
     if isinstance(source, Mapping):
         return _from_state_dict(model, source)
+    from .hub import fetch_model_config, resolve_source
     from .layouts import load_adapter
 
-    path: PathLike = source
-    if str(source).startswith("hf://"):
-        from . import hub
-
-        path = hub.resolve_source(str(source), layout=layout)
+    path: PathLike = resolve_source(str(source), layout=layout) if str(source).startswith("hf://") else source
     if base_config is None:
         base_config = _model_config(model)
-    return load_adapter(path, layout=layout, base_config=base_config, alpha=alpha)
+    return load_adapter(path, layout=layout, base_config=base_config, alpha=alpha,
+                        resolve_base_config=fetch_model_config)
 
 
 def _model_config(model: nn.Module) -> ModelConfig | None:
