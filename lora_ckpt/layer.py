@@ -140,7 +140,8 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A.weight, self.lora_B.weight
         if self.fan_in_fan_out:
             w = w.t()  # (out, in) view of the (in, out) weight: the GEMMs read it transposed, no copy
-        frozen = (type(self.linear) is self.base_type and not w.requires_grad and (bias is None or not bias.requires_grad)
+        frozen = (type(self.linear) is self.base_type and not w.requires_grad
+                  and (bias is None or not bias.requires_grad)
                   and (isinstance(self.dropout, nn.Identity) or not self.training))
         amp = _autocast_dtype(x)
         if frozen and amp is None and x.dtype == w.dtype == a.dtype == b.dtype:

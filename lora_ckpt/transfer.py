@@ -31,8 +31,8 @@ from .errors import (
     quote_list,
 )
 from .families import ModelConfig, model_config_from_dict
-from .io import PathLike
 from .inject import lora_class_for, lora_modules, mark_only_lora_trainable
+from .io import PathLike
 from .keys import split_key
 from .layer import LoRALinear
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peers import load_hf
 
 from lora_ckpt import LoRALinear, inject_lora
+from peers import load_hf
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -97,6 +97,6 @@ def test_compile_fullgraph_matches_eager(conv1d):
                 y = fn(xi)
             y.float().square().sum().backward()
             outs.append((y, xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
-        for eager, comp in zip(*outs):
+        for eager, comp in zip(*outs, strict=True):
             assert eager.dtype == comp.dtype
             torch.testing.assert_close(comp, eager, rtol=0, atol=0)

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from peers import ALL_LINEAR, FIX, INPUT_IDS, capture, hf_logits, load_hf, peft_logits, peft_set_state_dict, rel_diff
 
 import lora_ckpt
 from lora_ckpt import LoRALinear, apply_adapter, inject_lora, load_adapter, save_adapter
@@ -21,6 +20,7 @@ from lora_ckpt.errors import (
     UnsupportedAdapterError,
 )
 from lora_ckpt.layouts import LAYOUTS
+from peers import ALL_LINEAR, FIX, INPUT_IDS, capture, hf_logits, load_hf, peft_logits, peft_set_state_dict, rel_diff
 
 PEFT_LORA = FIX / "peft" / "llama-lora"
 
@@ -139,7 +139,7 @@ def test_adapter_for_another_model_and_unsupported_content_are_refused():
     with pytest.raises(AdapterMismatchError, match="have no target in LlamaForCausalLM") as e:
         apply_adapter(model, FIX / "peft" / "gpt2-lora")
     assert "transformer.h.0.attn.c_attn" in e.value.modules
-    with pytest.raises(UnsupportedAdapterError, match="DoRA magnitudes.*merge"):
+    with pytest.raises(UnsupportedAdapterError, match=r"DoRA magnitudes.*merge"):
         apply_adapter(model, FIX / "peft" / "llama-dora")
     with pytest.raises(UnsupportedAdapterError, match="LoRA biases"):
         apply_adapter(model, FIX / "peft" / "llama-lora-bias")
