@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import torch
+
 from peers import capture, rel_diff
 
 ROOT = Path(__file__).resolve().parent.parent
