@@ -290,10 +290,17 @@ def _weight_of(base: nn.Module) -> torch.Tensor:
 _AMP_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
+#: device type -> whether autocast exists for it (``meta`` has none); filled on first use
+_AMP_AVAILABLE: dict[str, bool] = {}
+
+
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs matmuls in on ``x``'s device, or None when autocast is off there."""
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    available = _AMP_AVAILABLE.get(device)
+    if available is None:
+        available = _AMP_AVAILABLE[device] = torch.amp.is_autocast_available(device)
+    if available and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return None
 
