@@ -105,6 +105,14 @@ def test_apply_a_peft_directory_to_a_plain_model_matches_peft():
         apply_adapter(model, PEFT_LORA)  # a second time: already there
 
 
+def test_apply_a_gpt2_conv1d_adapter_matches_peft():
+    model = load_hf("gpt2")
+    applied = apply_adapter(model, FIX / "peft" / "gpt2-lora")
+    assert all(type(model.get_submodule(n)).__name__ == "LoRAConv1D" for n in applied)
+    theirs, _ = peft_logits("gpt2", FIX / "peft" / "gpt2-lora")
+    assert rel_diff(hf_logits(model), theirs) < 1e-6
+
+
 def test_apply_into_wrapped_layers_checks_scale_and_rank():
     theirs, _ = peft_logits("llama", PEFT_LORA)
     model = load_hf("llama")
