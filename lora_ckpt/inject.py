@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .errors import AlreadyWrappedError, TargetNotFoundError, UnsupportedModuleError, quote_list
+from .errors import AlreadyWrappedError, StateDictError, TargetNotFoundError, UnsupportedModuleError, quote_list
 from .keys import matches_target
 from .layer import LoRALinear
 
@@ -209,9 +209,20 @@ def stock_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     to the weight's dtype), keys as a plain ``nn.Linear`` names them, in the plain model's
     order. ``model`` is not modified.
 
+    Raises:
+        StateDictError: a non-zero adapter on a tied weight (its merge would untie the tied keys).
+
     Example:
         >>> plain_model.load_state_dict(stock_state_dict(lora_model))  # strict
     """
+    shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = [n for n, m in lora_modules(model).items() if shared[id(m.linear.weight)] > 1 and not m.merged
+            and bool(m.lora_A.weight.any()) and bool(m.lora_B.weight.any())]
+    if tied:
+        raise StateDictError(
+            f"LoRA layer(s) {quote_list(tied)} adapt a weight tied to another parameter (tied embeddings); a merged "
+            "export would give the tied keys different values, which no tied model loads; build the model with "
+            "tie_word_embeddings=False, or leave the tied head out of the targets", key=tied[0])
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     skip: tuple[str, ...] = ()  # prefixes of LoRA layers already emitted
     for name, module in model.named_modules(remove_duplicate=False):

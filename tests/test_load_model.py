@@ -60,6 +60,20 @@ def test_meta_recipe_on_a_real_llama(tmp_path, tied, targets):
     assert trainable and all(".lora_" in n for n in trainable)
 
 
+def test_stock_export_of_an_adapted_tied_head_is_refused(tmp_path):
+    from lora_ckpt import stock_state_dict
+
+    _, path = _stock(True, tmp_path)
+    model = _empty(True)
+    inject_lora(model, targets=["q_proj", "lm_head"], r=2, alpha=4)
+    load_checkpoint(model, path)
+    assert set(stock_state_dict(model)) >= {"lm_head.weight"}  # B is zero: nothing to merge yet
+    with torch.no_grad():
+        model.lm_head.lora_B.weight.fill_(0.1)
+    with pytest.raises(StateDictError, match="tie_word_embeddings=False"):
+        stock_state_dict(model)
+
+
 def test_torch_meta_device_names_the_buffers_and_the_fix(tmp_path):
     from transformers import LlamaForCausalLM
 
