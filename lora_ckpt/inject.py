@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import TargetNotFoundError, quote_list
 from .keys import matches_target
-from .layer import LoRALinear
+from .layer import DEFAULT_SEED, LoRALinear
 
 __all__ = ["adapter_state_dict", "inject_lora", "lora_modules", "matches_target", "stock_state_dict"]
 
@@ -28,7 +28,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha: float,
-                dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
+                dropout: float = 0.0, use_rslora: bool = False, seed: int = DEFAULT_SEED) -> list[str]:
     """Replace the targeted ``nn.Linear`` submodules of ``model`` with :class:`LoRALinear`, in place.
 
     Base weights are shared, not copied; on a ``meta`` model the adapters are ``meta`` too and
@@ -43,6 +43,8 @@ def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha
         alpha: adapter alpha (``scaling = alpha / r``).
         dropout: adapter dropout.
         use_rslora: ``scaling = alpha / sqrt(r)``.
+        seed: fresh ``lora_A`` are drawn from ``seed`` and the module name alone
+            (:func:`lora_ckpt.layer.draw_lora_A`): the same on 1 or N ranks, in any process.
 
     Returns:
         The names of the wrapped modules, in model order.
@@ -69,7 +71,7 @@ def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         wrapped = LoRALinear.from_linear(getattr(parent, child), r=r, alpha=alpha, dropout=dropout,
-                                         use_rslora=use_rslora)
+                                         use_rslora=use_rslora, name=name, seed=seed)
         setattr(parent, child, wrapped)
     for m in lora_modules(model).values():
         m.lora_A.weight.requires_grad_(True)
