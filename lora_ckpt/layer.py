@@ -39,7 +39,7 @@ DEFAULT_SEED = 0
 
 
 def draw_lora_A(r: int, in_features: int, *, name: str, seed: int = DEFAULT_SEED,
-                dtype: torch.dtype | None = None) -> torch.Tensor:  # noqa: N802 - A is the paper's name
+                dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh ``lora_A`` (r, in): Kaiming-uniform (a=sqrt(5), as ``nn.Linear``), drawn on the CPU
     from a generator seeded by ``seed`` and the module ``name`` alone. The full shape is always
     drawn, so a sharded model (each rank slicing its rows) and a single process get the same bits,
