@@ -39,7 +39,8 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
     LoRA-wrapped layers accept the stock ``weight``/``bias`` keys (and other LoRA dialects),
     so a strict load works unchanged. A model built on the ``meta`` device is loaded with
     ``assign=True``: the checkpoint's memory-mapped tensors become the parameters, so no random
-    initialisation is paid and peak memory stays near the checkpoint size.
+    initialisation is paid and peak memory stays near the checkpoint size. A sharded model (FSDP2,
+    DTensor parameters) is loaded rank by rank: see :func:`lora_ckpt.distributed.load_sharded`.
 
     Args:
         model: the model to load into.
@@ -60,6 +61,10 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
         >>> inject_lora(model, targets=["q_proj", "v_proj"], r=8, alpha=16)
         >>> load_checkpoint(model, "llama/")   # strict=True, adapters start as no-ops
     """
+    from .distributed import is_sharded, load_sharded
+
+    if is_sharded(model):  # FSDP2 (DTensor parameters): each rank reads only the rows it owns
+        return load_sharded(model, source, strict=strict)
     state = read_checkpoint(source)
     assign = any(p.device.type == "meta" for p in model.parameters())
     result = model.load_state_dict(state, strict=False, assign=assign)
