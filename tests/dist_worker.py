@@ -84,8 +84,8 @@ def main() -> None:
         results[name] = {"ok": bool(ok), "detail": str(detail)}
         dist.barrier()
 
-    from lora_ckpt import load_checkpoint
     from lora_ckpt import distributed as ld
+    from lora_ckpt import load_checkpoint
 
     stock = work / "stock"
     single = empty_lora_model()

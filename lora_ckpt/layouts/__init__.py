@@ -17,6 +17,7 @@ from ..errors import AmbiguousLayoutError, CheckpointNotFoundError, UnknownLayou
 from ..families import ModelConfig, load_model_config
 from ..files import PathLike, atomic_output
 from .base import Layout, ReadOptions, Source, WriteOptions
+from .dcp import DcpLayout
 from .litgpt import LitgptLayout
 from .mistral import MistralLayout
 from .mlx import MlxLayout
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
     NativeLayout(), PeftLayout(), TorchtuneLayout(), MistralLayout(), LoralibLayout(), LlmbookLayout(),
-    MlxLayout(), LitgptLayout())}
+    MlxLayout(), LitgptLayout(), DcpLayout())}
 
 
 class Detection:
