@@ -34,7 +34,7 @@ exit codes: 0 ok, 1 refused input, 2 usage error, 3 verification found a differe
 
 Handler = Callable[[argparse.Namespace], int]
 # kept in sync with lora_ckpt.layouts.LAYOUTS by tests/test_cli.py (importing it would import torch)
-LAYOUT_NAMES = ["native", "peft", "torchtune", "mistral", "loralib", "llmbook", "mlx", "litgpt"]
+LAYOUT_NAMES = ["native", "peft", "torchtune", "mistral", "loralib", "llmbook", "mlx", "litgpt", "dcp"]
 
 
 def _source(args: argparse.Namespace, value: str, *, layout: str | None = "from") -> str:

@@ -188,7 +188,7 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
     try:
         adapter = read_detected(det, base_config=cfg, alpha=alpha, use_hub=False)
     except MissingConfigError as e:  # e.g. loralib without --alpha: report shapes, say what is missing
-        if det.layout.name not in ("loralib", "torchtune", "peft"):
+        if det.layout.name not in ("loralib", "torchtune", "peft", "dcp"):
             raise
         adapter = read_detected(det, base_config=cfg, alpha=1.0, use_hub=False)
         warnings.append(f"scale unknown ({e}); scales below assume alpha=1")

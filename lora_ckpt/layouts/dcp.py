@@ -133,7 +133,7 @@ def read_metadata(root: Path) -> dict[str, DcpEntry]:
         raise CheckpointFormatError(f"{path}: not readable DCP metadata ({type(e).__name__}: {str(e)[:120]})",
                                     path=path) from e
     try:
-        storage = {(k.fqn, tuple(k.offset or ())): v for k, v in (meta.storage_data or {}).items()}
+        storage = {(k.fqn, tuple(getattr(k, "offset", None) or ())): v for k, v in (meta.storage_data or {}).items()}
         planner = getattr(meta, "planner_data", None) or {}
         out = {}
         for fqn, md in meta.state_dict_metadata.items():
@@ -193,6 +193,27 @@ def load_entry(root: Path, entry: DcpEntry) -> torch.Tensor:
             return piece.to(full.dtype)
         full[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))] = piece
     return full
+
+
+def _meta_json(root: Path, entry: DcpEntry) -> dict[str, Any]:
+    """lora-ckpt's ``lora_ckpt.meta`` (UTF-8 JSON in a uint8 tensor), read without torch: the tensor's
+    bytes are the one ``data/0`` record of its ``torch.save`` zip."""
+    import zipfile
+
+    where = root / entry.fqn if not entry.chunks else root / entry.chunks[0].file
+    try:
+        c = entry.chunks[0]
+        with open(where, "rb") as f:
+            f.seek(c.offset)
+            blob = f.read(c.length)
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            data = [n for n in z.namelist() if n.endswith("/data/0")]
+            meta = json.loads(z.read(data[0]).decode())
+        assert entry.dtype == "uint8" and isinstance(meta, dict) and isinstance(meta.get("scales"), dict)
+    except (OSError, IndexError, KeyError, ValueError, AssertionError, zipfile.BadZipFile) as e:
+        raise CheckpointFormatError(f"{where}: {META_TENSOR} is not lora-ckpt's JSON ({type(e).__name__}); the "
+                                    "checkpoint is corrupt", path=where) from e
+    return meta
 
 
 @dataclass
@@ -324,8 +345,8 @@ class DcpLayout(Layout):
         sub = DcpSource(path=src.path, root=src.root, weights=src.weights, shapes_only=src.shapes_only,
                         wanted={k: models[k] for k in mods})
         meta = entries.get(META_TENSOR)
-        if meta is not None and meta.dtype == "uint8":
-            sub.extra_meta = json.loads(bytes(load_entry(src.root, meta).tolist()).decode())
+        if meta is not None:
+            sub.extra_meta = _meta_json(src.root, meta)
         adapter = dialect.read(sub, opts)
         others = [e for k, e in models.items() if k not in mods]
         rest = [e for e in entries.values() if e.fqn not in {m.fqn for m in models.values()} and e.fqn != META_TENSOR]
