@@ -210,7 +210,8 @@ def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> 
     """Load a stock checkpoint into a sharded (DTensor) LoRA model; every rank reads only its rows.
 
     Call it on every rank, after ``inject_lora`` and ``fully_shard`` (the model may be on ``meta``:
-    the loaded shards become its parameters). No collective is involved. Fresh adapters come from
+    the loaded shards become its parameters). Tensors are cast to the model's dtypes (FSDP2 fixes
+    them at ``fully_shard``: build the model in the dtype you train in). No collective is involved. Fresh adapters come from
     each layer's seed and name (``inject_lora(seed=...)``), drawn on the full shape.
 
     Args:
@@ -251,14 +252,15 @@ def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> 
     by_file: dict[Path, list[str]] = {}
     for mkey, ckey in plan.source.items():
         by_file.setdefault(where[ckey], []).append(mkey)
-    for path in files:  # one file mapped at a time; its pages leave RSS once its rows are copied
+    for path in files:  # one file mapped at a time; a tensor's pages leave RSS once its rows are copied
         wanted = by_file.get(path, [])
         if not wanted:
             continue
         tensors = load_tensors(path)
         for mkey in wanted:
-            loaded[mkey] = _wrap(_slice(tensors[plan.source[mkey]], state[mkey]), state[mkey])
-        release_file_pages(tensors.values())
+            t = tensors[plan.source[mkey]]
+            loaded[mkey] = _wrap(_slice(t, state[mkey]), state[mkey])
+            release_file_pages([t])  # the mapped pages this rank touched leave its RSS at once
         del tensors
     for prefix in plan.fresh:
         layer = layers[prefix]
