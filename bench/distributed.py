@@ -100,8 +100,8 @@ def worker(args: argparse.Namespace) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaForCausalLM
 
-    from lora_ckpt import inject_lora, load_checkpoint, read_checkpoint
     from lora_ckpt import distributed as ld
+    from lora_ckpt import inject_lora, load_checkpoint, read_checkpoint
 
     cuda = args.backend == "nccl"
     if cuda:

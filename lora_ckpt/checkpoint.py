@@ -64,7 +64,7 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
     from .distributed import is_sharded, load_sharded
 
     if is_sharded(model):  # FSDP2 (DTensor parameters): each rank reads only the rows it owns
-        return load_sharded(model, source, strict=strict)
+        return LoadResult(*load_sharded(model, source, strict=strict))
     state = read_checkpoint(source)
     assign = any(p.device.type == "meta" for p in model.parameters())
     result = model.load_state_dict(state, strict=False, assign=assign)

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import LoadResult
 from .errors import (
     AmbiguousKeyError,
     IncompleteAdapterError,
@@ -42,8 +41,15 @@ from .errors import (
     ShapeMismatchError,
     quote_list,
 )
-from .files import PathLike, checkpoint_files, load_tensors, release_file_pages
-from .index import tensor_index
+from .io import (
+    DTYPES,
+    PathLike,
+    checkpoint_files,
+    load_tensors,
+    read_safetensors_header,
+    release_file_pages,
+    tensor_index,
+)
 from .keys import ADAPTER_PARAMS, BASE_PARAMS, KEY_DIALECTS
 from .layer import LoRALinear, draw_lora_A
 
@@ -187,10 +193,48 @@ def _target_device(t: torch.Tensor) -> torch.device:
 def _slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's rows of ``full`` for parameter ``like``, copied into new memory of ``like``'s dtype."""
     shape, offset = _local_region(like)
-    piece = full[tuple(slice(o, o + s) for o, s in zip(offset, shape))] if full.dim() else full
+    piece = full[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))] if full.dim() else full
     out = torch.empty(shape, dtype=like.dtype, device=_target_device(like))
     out.copy_(piece)
     return out
+
+
+def _read_rows(header: Any, key: str, like: torch.Tensor) -> torch.Tensor | None:
+    """This rank's piece of tensor ``key`` read straight from the file into new memory (``preadv`` of
+    exactly its bytes: no mapped pages, no readahead into other ranks' rows), when the piece is one
+    byte range (rows of dim 0, every other dim whole); else None."""
+    import os
+
+    info = header.tensors[key]
+    shape, offset = _local_region(like)
+    if tuple(shape[1:]) != tuple(info.shape[1:]) or any(offset[1:]) or not info.shape:
+        return None
+    row = info.nbytes // info.shape[0] if info.shape[0] else 0
+    src_dtype = getattr(torch, DTYPES[info.dtype][1])
+    buf = torch.empty(shape, dtype=src_dtype)
+    want = row * shape[0]
+    if want:
+        view = _bytes_view(buf)
+        fd = os.open(header.path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < want:  # preadv may return short
+                n = os.preadv(fd, [view[got:]], info.begin + offset[0] * row + got)
+                if n <= 0:
+                    raise OSError(f"{header.path}: unexpected end of file reading {key}")
+                got += n
+        finally:
+            os.close(fd)
+    device = _target_device(like)
+    return buf if buf.dtype == like.dtype and device.type == "cpu" else buf.to(device=device, dtype=like.dtype)
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no numpy needed)."""
+    import ctypes
+
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def _wrap(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -206,13 +250,15 @@ def _file_keys(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(m.shape) for k, m in tensor_index(path).items()}
 
 
-def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> LoadResult:
+def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> tuple[list[str], list[str]]:
     """Load a stock checkpoint into a sharded (DTensor) LoRA model; every rank reads only its rows.
 
     Call it on every rank, after ``inject_lora`` and ``fully_shard`` (the model may be on ``meta``:
     the loaded shards become its parameters). Tensors are cast to the model's dtypes (FSDP2 fixes
-    them at ``fully_shard``: build the model in the dtype you train in). No collective is involved. Fresh adapters come from
-    each layer's seed and name (``inject_lora(seed=...)``), drawn on the full shape.
+    them at ``fully_shard``: build the model in the dtype you train in). No collective is involved.
+    Fresh adapters come from each layer's seed and name (``inject_lora(seed=...)``), drawn on the
+    full shape. A rank's rows are read with ``preadv`` of exactly their bytes where they are one
+    byte range (FSDP2's dim-0 shards), else sliced from the memory map.
 
     Args:
         model: the sharded model (parameters are DTensors; unsharded ones are loaded whole).
@@ -220,7 +266,7 @@ def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> 
         strict: raise if the checkpoint misses a key of the model or has one it does not know.
 
     Returns:
-        ``LoadResult(missing, unexpected)``, as a single-process ``load_checkpoint`` returns.
+        ``(missing, unexpected)`` keys (``load_checkpoint`` returns them as its ``LoadResult``).
 
     Raises:
         KeyMismatchError, ShapeMismatchError, IncompleteAdapterError, AmbiguousKeyError: as a single
@@ -256,11 +302,17 @@ def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> 
         wanted = by_file.get(path, [])
         if not wanted:
             continue
-        tensors = load_tensors(path)
+        header = read_safetensors_header(path) if path.suffix == ".safetensors" else None
+        tensors = None
         for mkey in wanted:
-            t = tensors[plan.source[mkey]]
-            loaded[mkey] = _wrap(_slice(t, state[mkey]), state[mkey])
-            release_file_pages([t])  # the mapped pages this rank touched leave its RSS at once
+            like = state[mkey]
+            local = _read_rows(header, plan.source[mkey], like) if header is not None else None
+            if local is None:  # a pickle, or not one byte range per rank: slice the memory map
+                tensors = tensors if tensors is not None else load_tensors(path)
+                t = tensors[plan.source[mkey]]
+                local = _slice(t, like)
+                release_file_pages([t])  # the mapped pages this rank touched leave its RSS at once
+            loaded[mkey] = _wrap(local, like)
         del tensors
     for prefix in plan.fresh:
         layer = layers[prefix]
@@ -269,12 +321,12 @@ def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> 
                              dtype=a_like.dtype)
         loaded[prefix + "lora_A.weight"] = _wrap(_slice(full_a, a_like), a_like)
         b_shape, _ = _local_region(b_like)
-        loaded[prefix + "lora_B.weight"] = _wrap(torch.zeros(b_shape, dtype=b_like.dtype, device=_target_device(b_like)),
-                                                 b_like)
+        zeros = torch.zeros(b_shape, dtype=b_like.dtype, device=_target_device(b_like))
+        loaded[prefix + "lora_B.weight"] = _wrap(zeros, b_like)
     assign = any(t.device.type == "meta" for t in state.values())
     model.load_state_dict(loaded, strict=False, assign=assign)
     logger.debug("loaded %d sharded tensors from %s (%d fresh adapters)", len(loaded), source, len(plan.fresh))
-    return LoadResult(plan.missing, plan.unexpected)
+    return plan.missing, plan.unexpected
 
 
 def model_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -55,7 +55,8 @@ def shard(model, mesh):
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in model.state_dict().items()}
 
 
 def bitwise_diff(a: dict, b: dict) -> list[str]:
@@ -138,7 +139,8 @@ def main() -> None:
         if rank == 0:
             with torch.no_grad():
                 torch.save(single(TOKENS).logits, work / "stepped_logits.pt")
-        return worst <= 1e-6 and moved > 0 and base_same, f"max |Δ| {worst:.3g} (lora_B max {moved:.3g}), base same {base_same}"
+        return (worst <= 1e-6 and moved > 0 and base_same,
+                f"max |Δ| {worst:.3g} (lora_B max {moved:.3g}), base same {base_same}")
 
     check("adamw_step", adamw_step)
 
@@ -169,7 +171,8 @@ def main() -> None:
                    for leaf, t in (("lora_A.weight", m.A), ("lora_B.weight", m.B))}
         names = ld.distribute_adapter(fresh, tensors)
         got, ref = full_state(fresh), full_state(sharded)
-        bad = bitwise_diff({k: v for k, v in got.items() if "lora_" in k}, {k: v for k, v in ref.items() if "lora_" in k})
+        bad = bitwise_diff({k: v for k, v in got.items() if "lora_" in k},
+                           {k: v for k, v in ref.items() if "lora_" in k})
         return not bad and len(names) == 14, f"differ: {bad[:4]}; {len(names)} layers"
 
     check("distribute_adapter", distribute)

@@ -13,6 +13,11 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+
+from lora_ckpt import convert, load_adapter
+from lora_ckpt.cli import main
+from lora_ckpt.errors import CheckpointNotFoundError, MissingConfigError, UnsafeCheckpointError
 from peers import (
     EXACT,
     hf_config,
@@ -23,11 +28,6 @@ from peers import (
     rel_diff,
     tt_logits,
 )
-from safetensors.torch import load_file
-
-from lora_ckpt import convert, load_adapter
-from lora_ckpt.cli import main
-from lora_ckpt.errors import CheckpointNotFoundError, MissingConfigError, UnsafeCheckpointError
 
 CFG = str(hf_config_path("llama"))
 

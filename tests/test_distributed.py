@@ -14,10 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dist_worker as W  # tests/ is on sys.path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+import dist_worker as W  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +57,8 @@ def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("dist")
     state = _stock_model().state_dict()
     _write_sharded(state, work / "stock")
-    save_file({k: v.contiguous() for k, v in state.items() if k != "model.norm.weight"}, work / "missing_key.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items() if k != "model.norm.weight"},
+              work / "missing_key.safetensors")
     # a real PEFT adapter, converted by lora-ckpt to DCP: a sharded run dcp.load()s it
     peft_dir = _peft_adapter(work)
     convert(peft_dir, work / "peft_as_dcp", to="dcp")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..adapter import Adapter
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, MissingConfigError, UnsafeCheckpointError
 from ..families import FAMILIES, NameMap
-from ..index import TensorMeta
+from ..io import TensorMeta
 from .base import Layout, ReadOptions, Role, Source, WriteOptions
 from .native import NativeLayout
 
@@ -142,8 +142,9 @@ def read_metadata(root: Path) -> dict[str, DcpEntry]:
                 entry.shape, entry.dtype = tuple(md.size), md.properties.state[0]
                 for c in md.chunks:
                     info = storage[(fqn, tuple(c.offsets))]
+                    transforms = tuple(getattr(info, "transform_descriptors", ()) or ())
                     entry.chunks.append(Chunk(tuple(c.offsets), tuple(c.sizes), info.relative_path, int(info.offset),
-                                              int(info.length), tuple(getattr(info, "transform_descriptors", ()) or ())))
+                                              int(info.length), transforms))
             out[fqn] = entry
     except (AttributeError, KeyError, TypeError, IndexError) as e:
         raise CheckpointFormatError(f"{path}: DCP metadata without the expected fields ({type(e).__name__}: {e}); "
@@ -191,7 +192,7 @@ def load_entry(root: Path, entry: DcpEntry) -> torch.Tensor:
                                         f"metadata says {c.sizes}", path=where)
         if c.sizes == entry.shape:
             return piece.to(full.dtype)
-        full[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))] = piece
+        full[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))] = piece
     return full
 
 
@@ -323,9 +324,9 @@ class DcpLayout(Layout):
         entries, _, dialect, mods = self._scan(src)
         files = {c.file for e in entries.values() for c in e.chunks}
         if not dialect:
-            return 1, f".metadata of a DCP checkpoint ({len(entries)} entries, {len(files)} shard files), no adapter keys"
-        return 3, (f"torch.distributed.checkpoint directory ({len(files)} shard file(s)), {dialect.dialect} adapter keys "
-                   f"({len(set(mods.values()))} modules)")
+            return 1, f"a DCP checkpoint ({len(entries)} entries, {len(files)} shard files), no adapter keys"
+        return 3, (f"torch.distributed.checkpoint directory ({len(files)} shard file(s)), {dialect.dialect} "
+                   f"adapter keys ({len(set(mods.values()))} modules)")
 
     def read(self, src: Source, opts: ReadOptions) -> Adapter:
         entries, models, dialect, mods = self._scan(src)
