@@ -42,7 +42,6 @@ from .errors import (
     quote_list,
 )
 from .io import (
-    DTYPES,
     PathLike,
     checkpoint_files,
     load_tensors,
@@ -52,6 +51,7 @@ from .io import (
 )
 from .keys import ADAPTER_PARAMS, BASE_PARAMS, KEY_DIALECTS
 from .layer import LoRALinear, draw_lora_A
+from .shards import local_region, read_local, slice_local, target_device, wrap_local
 
 __all__ = ["KeyPlan", "distribute_adapter", "full_adapter_tensors", "is_sharded", "load_sharded", "map_keys",
            "model_state_dict", "save_adapter"]
@@ -168,84 +168,6 @@ def _raise_mismatch(source: PathLike, model: nn.Module, missing: list[str], unex
         "model's checkpoint, or pass strict=False", missing=missing, unexpected=unexpected)
 
 
-def _local_region(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(local shape, global offset) of this rank's piece of ``t`` (a DTensor), else the whole tensor."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if isinstance(t, DTensor):
-        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return tuple(shape), tuple(offset)
-    return tuple(t.shape), (0,) * t.dim()
-
-
-def _target_device(t: torch.Tensor) -> torch.device:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        kind = t.device_mesh.device_type
-        if kind == "cuda":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device(kind)
-    return t.device if t.device.type != "meta" else torch.device("cpu")
-
-
-def _slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of ``full`` for parameter ``like``, copied into new memory of ``like``'s dtype."""
-    shape, offset = _local_region(like)
-    piece = full[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))] if full.dim() else full
-    out = torch.empty(shape, dtype=like.dtype, device=_target_device(like))
-    out.copy_(piece)
-    return out
-
-
-def _read_rows(header: Any, key: str, like: torch.Tensor) -> torch.Tensor | None:
-    """This rank's piece of tensor ``key`` read straight from the file into new memory (``preadv`` of
-    exactly its bytes: no mapped pages, no readahead into other ranks' rows), when the piece is one
-    byte range (rows of dim 0, every other dim whole); else None."""
-    import os
-
-    info = header.tensors[key]
-    shape, offset = _local_region(like)
-    if tuple(shape[1:]) != tuple(info.shape[1:]) or any(offset[1:]) or not info.shape:
-        return None
-    row = info.nbytes // info.shape[0] if info.shape[0] else 0
-    src_dtype = getattr(torch, DTYPES[info.dtype][1])
-    buf = torch.empty(shape, dtype=src_dtype)
-    want = row * shape[0]
-    if want:
-        view = _bytes_view(buf)
-        fd = os.open(header.path, os.O_RDONLY)
-        try:
-            got = 0
-            while got < want:  # preadv may return short
-                n = os.preadv(fd, [view[got:]], info.begin + offset[0] * row + got)
-                if n <= 0:
-                    raise OSError(f"{header.path}: unexpected end of file reading {key}")
-                got += n
-        finally:
-            os.close(fd)
-    device = _target_device(like)
-    return buf if buf.dtype == like.dtype and device.type == "cpu" else buf.to(device=device, dtype=like.dtype)
-
-
-def _bytes_view(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (no numpy needed)."""
-    import ctypes
-
-    n = t.numel() * t.element_size()
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
-
-
-def _wrap(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(like, DTensor):
-        return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
-                                  shape=like.shape, stride=like.stride())
-    return local
-
-
 def _file_keys(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(m.shape) for k, m in tensor_index(path).items()}
 
@@ -306,23 +228,23 @@ def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> 
         tensors = None
         for mkey in wanted:
             like = state[mkey]
-            local = _read_rows(header, plan.source[mkey], like) if header is not None else None
+            local = read_local(header, plan.source[mkey], like) if header is not None else None
             if local is None:  # a pickle, or not one byte range per rank: slice the memory map
                 tensors = tensors if tensors is not None else load_tensors(path)
                 t = tensors[plan.source[mkey]]
-                local = _slice(t, like)
+                local = slice_local(t, like)
                 release_file_pages([t])  # the mapped pages this rank touched leave its RSS at once
-            loaded[mkey] = _wrap(local, like)
+            loaded[mkey] = wrap_local(local, like)
         del tensors
     for prefix in plan.fresh:
         layer = layers[prefix]
         a_like, b_like = state[prefix + "lora_A.weight"], state[prefix + "lora_B.weight"]
         full_a = draw_lora_A(layer.r, layer.in_features, name=layer.lora_name or prefix[:-1], seed=layer.lora_seed,
                              dtype=a_like.dtype)
-        loaded[prefix + "lora_A.weight"] = _wrap(_slice(full_a, a_like), a_like)
-        b_shape, _ = _local_region(b_like)
-        zeros = torch.zeros(b_shape, dtype=b_like.dtype, device=_target_device(b_like))
-        loaded[prefix + "lora_B.weight"] = _wrap(zeros, b_like)
+        loaded[prefix + "lora_A.weight"] = wrap_local(slice_local(full_a, a_like), a_like)
+        b_shape, _ = local_region(b_like)
+        zeros = torch.zeros(b_shape, dtype=b_like.dtype, device=target_device(b_like))
+        loaded[prefix + "lora_B.weight"] = wrap_local(zeros, b_like)
     assign = any(t.device.type == "meta" for t in state.values())
     model.load_state_dict(loaded, strict=False, assign=assign)
     logger.debug("loaded %d sharded tensors from %s (%d fresh adapters)", len(loaded), source, len(plan.fresh))
@@ -413,7 +335,7 @@ def distribute_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor]) ->
             if prefix + "lora_A.weight" not in tensors:
                 continue
             for leaf, p in (("lora_A.weight", layer.lora_A.weight), ("lora_B.weight", layer.lora_B.weight)):
-                local = _slice(tensors[prefix + leaf], p)
+                local = slice_local(tensors[prefix + leaf], p)
                 (p.to_local() if hasattr(p, "to_local") else p).copy_(local)
             done.append(prefix[:-1])
     return done

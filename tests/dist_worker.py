@@ -68,7 +68,6 @@ def bitwise_diff(a: dict, b: dict) -> list[str]:
 
 TOKENS = torch.arange(48).reshape(4, 12) % 67
 
-
 def main() -> None:
     work = Path(sys.argv[1])
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
