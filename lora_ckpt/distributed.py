@@ -49,7 +49,7 @@ from .io import (
     release_file_pages,
     tensor_index,
 )
-from .keys import ADAPTER_PARAMS, BASE_PARAMS, KEY_DIALECTS
+from .keys import ADAPTER_PARAMS, ALIASES
 from .layer import LoRALinear, draw_lora_A
 from .shards import local_region, read_local, slice_local, target_device, wrap_local
 
@@ -58,20 +58,8 @@ __all__ = ["KeyPlan", "distribute_adapter", "full_adapter_tensors", "is_sharded"
 
 logger = logging.getLogger(__name__)
 
-_OURS = BASE_PARAMS + ADAPTER_PARAMS
-
-
-def _aliases() -> dict[str, tuple[str, ...]]:
-    """Our LoRALinear parameter -> every suffix a dialect stores it under (table order)."""
-    out: dict[str, list[str]] = {p: [] for p in _OURS}
-    for dialect in KEY_DIALECTS:
-        for ours, theirs in dialect.keys.items():
-            if theirs not in out[ours]:
-                out[ours].append(theirs)
-    return {k: tuple(v) for k, v in out.items()}
-
-
-_SUFFIXES = [(theirs, ours) for ours, all_theirs in _aliases().items() for theirs in all_theirs]
+#: every (dialect suffix, our LoRALinear parameter) pair, in the dialect table's order
+_SUFFIXES = [(theirs, ours) for ours, all_theirs in ALIASES.items() for theirs in all_theirs]
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -35,8 +35,10 @@ from ..adapter import Adapter
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, MissingConfigError, UnsafeCheckpointError
 from ..families import FAMILIES, NameMap
 from ..io import TensorMeta
-from .base import Layout, ReadOptions, Role, Source, WriteOptions
+from .base import Layout
 from .native import NativeLayout
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, Role
 
 if TYPE_CHECKING:
     import torch
@@ -237,10 +239,15 @@ class DcpSource(Source):
         return self._tensors
 
 
-class _DcpKeys(Layout):
-    """The generic reader over one dialect's keys; scales come from ``lora_ckpt.meta`` or ``--alpha``."""
+class _DcpName:
+    """The name the dialect readers report (a mixin: the registry lists only classes naming themselves)."""
 
     name = "dcp"
+
+
+class _DcpKeys(_DcpName, Layout):
+    """The generic reader over one dialect's keys; scales come from ``lora_ckpt.meta`` or ``--alpha``."""
+
     dialect: ClassVar[str] = ""
 
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
@@ -303,6 +310,7 @@ def _dialect(keys: list[str]) -> tuple[_DcpKeys | None, dict[str, str]]:
 
 class DcpLayout(Layout):
     name = "dcp"
+    order = 90
     summary = "torch.distributed.checkpoint dir (.metadata + .distcp): lora-ckpt, torchtitan or torchtune keys"
     weight_files = (".metadata",)
     leaves = NativeLayout.leaves
@@ -320,13 +328,13 @@ class DcpLayout(Layout):
         dialect, mods = _dialect(list(models))
         return entries, models, dialect, mods
 
-    def detect(self, src: Source) -> tuple[int, str] | None:  # type: ignore[override]
+    def detect(self, src: Source) -> Detection | None:
         entries, _, dialect, mods = self._scan(src)
         files = {c.file for e in entries.values() for c in e.chunks}
         if not dialect:
-            return 1, f"a DCP checkpoint ({len(entries)} entries, {len(files)} shard files), no adapter keys"
-        return 3, (f"torch.distributed.checkpoint directory ({len(files)} shard file(s)), {dialect.dialect} "
-                   f"adapter keys ({len(set(mods.values()))} modules)")
+            return Detection(1, f"a DCP checkpoint ({len(entries)} entries, {len(files)} shard files), no adapter keys")
+        return Detection(3, f"torch.distributed.checkpoint directory ({len(files)} shard file(s)), {dialect.dialect} "
+                            f"adapter keys ({len(set(mods.values()))} modules)")
 
     def read(self, src: Source, opts: ReadOptions) -> Adapter:
         entries, models, dialect, mods = self._scan(src)
