@@ -43,7 +43,7 @@ from .spec import Detection, Role
 if TYPE_CHECKING:
     import torch
 
-META_TENSOR = "lora_ckpt.meta"  # UTF-8 JSON (scales, flags) as a uint8 tensor: loadable with weights_only=True
+META_KEY = "lora_ckpt"  # lora-ckpt's JSON (scales, flags, extra tensors), a non-tensor entry
 _MODULE = "torch.distributed.checkpoint.metadata"
 
 
@@ -142,11 +142,13 @@ def read_metadata(root: Path) -> dict[str, DcpEntry]:
             entry = DcpEntry(fqn, tuple(planner.get(fqn) or (fqn,)))
             if hasattr(md, "chunks"):
                 entry.shape, entry.dtype = tuple(md.size), md.properties.state[0]
-                for c in md.chunks:
-                    info = storage[(fqn, tuple(c.offsets))]
-                    transforms = tuple(getattr(info, "transform_descriptors", ()) or ())
-                    entry.chunks.append(Chunk(tuple(c.offsets), tuple(c.sizes), info.relative_path, int(info.offset),
-                                              int(info.length), transforms))
+                places = [(tuple(c.offsets), tuple(c.sizes), storage[(fqn, tuple(c.offsets))]) for c in md.chunks]
+            else:  # an object (torch.save'd bytes): located, never unpickled here
+                places = [((), (), storage[(fqn, ())])] if (fqn, ()) in storage else []
+            for offsets, sizes, info in places:
+                transforms = tuple(getattr(info, "transform_descriptors", ()) or ())
+                entry.chunks.append(Chunk(offsets, sizes, info.relative_path, int(info.offset), int(info.length),
+                                          transforms))
             out[fqn] = entry
     except (AttributeError, KeyError, TypeError, IndexError) as e:
         raise CheckpointFormatError(f"{path}: DCP metadata without the expected fields ({type(e).__name__}: {e}); "
@@ -159,7 +161,7 @@ def model_entries(entries: dict[str, DcpEntry]) -> dict[str, DcpEntry]:
     a ``"model"`` entry (torchtune, ``dcp.save({"model": ...})``)."""
     out = {}
     for e in entries.values():
-        if e.dtype is None or e.fqn == META_TENSOR:
+        if e.dtype is None or e.fqn == META_KEY:
             continue
         if len(e.path) == 1:
             out[e.path[0]] = e
@@ -198,24 +200,35 @@ def load_entry(root: Path, entry: DcpEntry) -> torch.Tensor:
     return full
 
 
+class _StrUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise UnsafeCheckpointError(f"{module}.{name}", path="")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError("a tensor", path="")
+
+
 def _meta_json(root: Path, entry: DcpEntry) -> dict[str, Any]:
-    """lora-ckpt's ``lora_ckpt.meta`` (UTF-8 JSON in a uint8 tensor), read without torch: the tensor's
-    bytes are the one ``data/0`` record of its ``torch.save`` zip."""
+    """lora-ckpt's ``lora_ckpt`` entry, read without torch and without running code: a ``torch.save``
+    zip whose ``data.pkl`` holds one str (anything else is refused), which is JSON."""
     import zipfile
 
-    where = root / entry.fqn if not entry.chunks else root / entry.chunks[0].file
+    where = root / (entry.chunks[0].file if entry.chunks else ".metadata")
     try:
         c = entry.chunks[0]
         with open(where, "rb") as f:
             f.seek(c.offset)
             blob = f.read(c.length)
         with zipfile.ZipFile(io.BytesIO(blob)) as z:
-            data = [n for n in z.namelist() if n.endswith("/data/0")]
-            meta = json.loads(z.read(data[0]).decode())
-        assert entry.dtype == "uint8" and isinstance(meta, dict) and isinstance(meta.get("scales"), dict)
-    except (OSError, IndexError, KeyError, ValueError, AssertionError, zipfile.BadZipFile) as e:
-        raise CheckpointFormatError(f"{where}: {META_TENSOR} is not lora-ckpt's JSON ({type(e).__name__}); the "
-                                    "checkpoint is corrupt", path=where) from e
+            pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
+            text = _StrUnpickler(io.BytesIO(z.read(pkl[0]))).load()
+        meta = json.loads(text)
+        if entry.dtype is not None or not isinstance(meta, dict) or not isinstance(meta.get("scales"), dict):
+            raise ValueError("not lora-ckpt's metadata")
+    except (OSError, IndexError, KeyError, ValueError, TypeError, UnsafeCheckpointError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as e:
+        raise CheckpointFormatError(f"{where}: the {META_KEY!r} entry is not lora-ckpt's JSON ({type(e).__name__}); "
+                                    "the checkpoint is corrupt", path=where) from e
     return meta
 
 
@@ -253,11 +266,17 @@ class _DcpKeys(_DcpName, Layout):
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
         meta = src.extra_meta if isinstance(src, DcpSource) else None
         if meta is not None and opts.alpha is None:
+            fifo = set(meta.get("fan_in_fan_out", []))
             for name, m in adapter.modules.items():
+                if name not in meta["scales"]:
+                    raise CheckpointFormatError(f"{src.root}: no scale recorded for {name!r}", path=src.root)
                 m.scale = float(meta["scales"][name])
+                m.fan_in_fan_out = name in fifo
             adapter.meta.base_model = meta.get("base_model")
             adapter.meta.family = adapter.meta.family or meta.get("family")
             adapter.meta.task_type = meta.get("task_type")
+            adapter.meta.config = meta.get("source_config") or {}
+            adapter.meta.source_layout = meta.get("source_layout") or "dcp"
             return
         if opts.alpha is None:
             raise MissingConfigError(
@@ -313,6 +332,7 @@ class DcpLayout(Layout):
     order = 90
     summary = "torch.distributed.checkpoint dir (.metadata + .distcp): lora-ckpt, torchtitan or torchtune keys"
     weight_files = (".metadata",)
+    pickle = True  # chunks are torch.save blobs, not safetensors
     leaves = NativeLayout.leaves
     features = NativeLayout.features
 
@@ -351,14 +371,14 @@ class DcpLayout(Layout):
 
             raise LayoutError(f"{src.root}: a DCP checkpoint with no LoRA adapter keys (lora_A/lora_B, lora_a/lora_b) "
                               f"among its {len(models)} model tensors", layout=self.name, path=str(src.root))
+        meta_entry = entries.get(META_KEY)
+        meta = _meta_json(src.root, meta_entry) if meta_entry is not None else None
+        extra = [k for k in (meta or {}).get("extra", []) if k in models]  # full tensors lora-ckpt wrote
         sub = DcpSource(path=src.path, root=src.root, weights=src.weights, shapes_only=src.shapes_only,
-                        wanted={k: models[k] for k in mods})
-        meta = entries.get(META_TENSOR)
-        if meta is not None:
-            sub.extra_meta = _meta_json(src.root, meta)
+                        wanted={k: models[k] for k in [*mods, *extra]}, extra_meta=meta)
         adapter = dialect.read(sub, opts)
-        others = [e for k, e in models.items() if k not in mods]
-        rest = [e for e in entries.values() if e.fqn not in {m.fqn for m in models.values()} and e.fqn != META_TENSOR]
+        others = [e for k, e in models.items() if k not in mods and k not in extra]
+        rest = [e for e in entries.values() if e.fqn not in {m.fqn for m in models.values()} and e.fqn != META_KEY]
         kinds = Counter(e.path[0] for e in rest)
         if others or kinds:
             held = ", ".join(f"{n} {k!r} entr{'y' if n == 1 else 'ies'}" for k, n in sorted(kinds.items()))
@@ -366,20 +386,22 @@ class DcpLayout(Layout):
                          f"({sum(e.nbytes for e in others) / 1e6:.1f} MB: base weights)"
                          + (f" and {held}" if held else "") + "; only the adapter tensors are read")
         adapter.meta.notes += notes
-        adapter.meta.source_layout = self.name
+        if meta is None:
+            adapter.meta.source_layout = self.name
         return adapter
 
     def write(self, adapter: Adapter, out: Path, opts: WriteOptions) -> Adapter:
-        import torch
         import torch.distributed.checkpoint as dcp
 
         adapter = self.prepare(adapter, opts)
-        tensors = self.tensors_for(adapter, opts.base_config or adapter.meta.model_config)
+        tensors: dict[str, Any] = dict(self.tensors_for(adapter, opts.base_config or adapter.meta.model_config))
         meta = {"version": 1, "scales": {n: m.scale for n, m in adapter.modules.items()},
+                "fan_in_fan_out": sorted(n for n, m in adapter.modules.items() if m.fan_in_fan_out),
+                "extra": sorted(self.prefix + k for k in adapter.extra),
                 "base_model": adapter.meta.base_model, "family": adapter.meta.family,
-                "task_type": adapter.meta.task_type}
-        raw = json.dumps(meta, sort_keys=True).encode()
-        state = {**tensors, META_TENSOR: torch.tensor(list(raw), dtype=torch.uint8)}
+                "task_type": adapter.meta.task_type, "source_layout": adapter.meta.source_layout,
+                "source_config": adapter.meta.config}
+        state = {**tensors, META_KEY: json.dumps(meta, sort_keys=True)}
         out.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():  # "torch.distributed is disabled ...": no_dist says so already
             warnings.simplefilter("ignore", UserWarning)
