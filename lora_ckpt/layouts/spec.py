@@ -61,6 +61,9 @@ class LayoutSpec:
     # how a fused module's LoRA is stored (lora_ckpt.fused): one shared A ("plain") or one A per part ("grouped")
     fused_lora: ClassVar[Literal["plain", "grouped"]] = "plain"
     legacy_names: ClassVar[dict[str, str]] = {}  # module template now -> older template accepted on read
+    # how the layout holds LoRA on MoE experts (lora_ckpt.experts): fused 3-D "stacked" (PEFT target_parameters),
+    # "per-expert" 2-D modules (experts.{e}.gate_proj ...), or "none" (refused, or dropped with allow_lossy)
+    expert_form: ClassVar[Literal["stacked", "per-expert", "none"]] = "per-expert"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
