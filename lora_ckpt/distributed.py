@@ -323,6 +323,11 @@ def distribute_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor]) ->
             if prefix + "lora_A.weight" not in tensors:
                 continue
             for leaf, p in (("lora_A.weight", layer.lora_A.weight), ("lora_B.weight", layer.lora_B.weight)):
+                if p.device.type == "meta":
+                    from .errors import UsageError
+
+                    raise UsageError(f"{prefix}{leaf} is still on the meta device; load the base checkpoint "
+                                     "(load_checkpoint) before distributing an adapter into the model")
                 local = slice_local(tensors[prefix + leaf], p)
                 (p.to_local() if hasattr(p, "to_local") else p).copy_(local)
             done.append(prefix[:-1])
