@@ -70,6 +70,8 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
     what is. Tied parameters (``tie_word_embeddings``) load as transformers loads them: a
     checkpoint holding one of the tied keys fills all of them, the tie is kept (one
     ``Parameter``), and the absent key is not "missing".
+    A sharded model (FSDP2, DTensor parameters) is loaded rank by rank: see
+    :func:`lora_ckpt.distributed.load_sharded`.
 
     Args:
         model: the model to load into.
@@ -94,6 +96,10 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
         >>> inject_lora(model, targets=["q_proj", "v_proj"], r=8, alpha=16)
         >>> load_checkpoint(model, "llama/")   # strict=True, adapters start as no-ops
     """
+    from .distributed import is_sharded, load_sharded
+
+    if is_sharded(model):  # FSDP2 (DTensor parameters): each rank reads only the rows it owns
+        return LoadResult(*load_sharded(model, source, strict=strict))
     state = read_checkpoint(source)
     assign = any(p.device.type == "meta" for p in model.parameters())
     ties = _tie_groups(model)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import AlreadyWrappedError, StateDictError, TargetNotFoundError, UnsupportedModuleError, quote_list
 from .keys import matches_target
-from .layer import LoRALinear
+from .layer import DEFAULT_SEED, LoRALinear
 
 __all__ = ["Injected", "adapter_state_dict", "inject_lora", "lora_class_for", "lora_modules",
            "mark_only_lora_trainable", "matches_target", "stock_state_dict"]
@@ -63,7 +63,7 @@ def lora_class_for(module: nn.Module) -> type[LoRALinear] | None:
 
 
 def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha: float,
-                dropout: float = 0.0, use_rslora: bool = False) -> Injected:
+                dropout: float = 0.0, use_rslora: bool = False, seed: int = DEFAULT_SEED) -> Injected:
     """Replace the targeted ``nn.Linear`` / ``Conv1D`` submodules of ``model`` with LoRA layers, in place.
 
     Base weights are shared, not copied; on a ``meta`` model the adapters are ``meta`` too and
@@ -81,6 +81,8 @@ def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha
         alpha: adapter alpha (``scaling = alpha / r``).
         dropout: adapter dropout.
         use_rslora: ``scaling = alpha / sqrt(r)``.
+        seed: fresh ``lora_A`` are drawn from ``seed`` and the module name alone
+            (:func:`lora_ckpt.layer.draw_lora_A`): the same on 1 or N ranks, in any process.
 
     Returns:
         The names of the newly wrapped modules, in model order (an :class:`Injected` list).
@@ -124,7 +126,8 @@ def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha
         base = getattr(parent, child)
         cls = lora_class_for(base)
         assert cls is not None  # checked above
-        setattr(parent, child, cls.from_linear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora))
+        setattr(parent, child, cls.from_linear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                                 name=name, seed=seed))
     mark_only_lora_trainable(model)
     if before:
         logger.info("inject_lora: %d matched module(s) already wrapped, left as they are: %s", len(before),

@@ -12,6 +12,7 @@ checkpoint that misses any *other* key still fails a strict load.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from typing import Any, ClassVar, TypeVar
@@ -29,11 +30,31 @@ from .errors import (
 )
 from .keys import ADAPTER_PARAMS, ALIASES
 
-__all__ = ["LoRALinear"]
+__all__ = ["DEFAULT_SEED", "LoRALinear", "draw_lora_A"]
 
 logger = logging.getLogger(__name__)
 
 _Layer = TypeVar("_Layer", bound="LoRALinear")
+
+#: the seed fresh adapters are drawn with unless ``inject_lora(seed=...)`` says otherwise
+DEFAULT_SEED = 0
+
+
+def draw_lora_A(r: int, in_features: int, *, name: str, seed: int = DEFAULT_SEED,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fresh ``lora_A`` (r, in): Kaiming-uniform (a=sqrt(5), as ``nn.Linear``), drawn on the CPU
+    from a generator seeded by ``seed`` and the module ``name`` alone. The full shape is always
+    drawn, so a sharded model (each rank slicing its rows) and a single process get the same bits,
+    whatever the world size, the device or the global RNG state.
+
+    Example:
+        >>> a = draw_lora_A(8, 4096, name="model.layers.0.self_attn.q_proj")
+    """
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    a = torch.empty(r, in_features, dtype=dtype)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+    return a
 
 
 class LoRALinear(nn.Module):
@@ -70,10 +91,11 @@ class LoRALinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, *,
                  dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 name: str = "", seed: int = DEFAULT_SEED) -> None:
         super().__init__()
         base = self.make_base(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        self._setup(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, name=name, seed=seed)
 
     @classmethod
     def make_base(cls, in_features: int, out_features: int, *, bias: bool,
@@ -89,20 +111,23 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls: type[_Layer], linear: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
-                    use_rslora: bool = False) -> _Layer:
+                    use_rslora: bool = False, name: str = "", seed: int = DEFAULT_SEED) -> _Layer:
         """Wrap an existing ``nn.Linear`` (its weight is shared, not copied).
 
-        The adapter is created on the Linear's device and dtype (``meta`` stays ``meta``).
+        The adapter is created on the Linear's device and dtype (``meta`` stays ``meta``); a fresh
+        ``lora_A`` is drawn by :func:`draw_lora_A` from ``seed`` and ``name`` (the module's name in
+        the model; when empty, the name it is loaded under).
         """
         if not isinstance(linear, cls.base_type):
             raise TypeError(f"{cls.__name__}.from_linear expects an {cls.base_type.__name__}, "
                             f"got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        self._setup(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, name=name, seed=seed)
         return self
 
-    def _setup(self, linear: nn.Module, *, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+    def _setup(self, linear: nn.Module, *, r: int, alpha: float, dropout: float, use_rslora: bool,
+               name: str, seed: int) -> None:
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
         w = linear.weight
@@ -113,6 +138,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.lora_name, self.lora_seed = name, seed
         self.linear.requires_grad_(False)
         self.reset_lora_parameters()
 
@@ -122,10 +148,11 @@ class LoRALinear(nn.Module):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def reset_lora_parameters(self) -> None:
-        """A Kaiming-uniform (a=sqrt(5), as ``nn.Linear``), B zero: a no-op that trains."""
-        if self.lora_A.weight.device.type != "meta":
+        """A fresh (:func:`draw_lora_A`: seeded by ``lora_seed`` and ``lora_name``), B zero: a no-op that trains."""
+        a = self.lora_A.weight
+        if a.device.type != "meta":
             with torch.no_grad():
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+                a.copy_(draw_lora_A(self.r, self.in_features, name=self.lora_name, seed=self.lora_seed, dtype=a.dtype))
                 self.lora_B.weight.zero_()
 
     def extra_repr(self) -> str:
@@ -273,9 +300,9 @@ class LoRALinear(nn.Module):
         base = state_dict[prefix + "linear.weight"]
         like = base if assign or self.lora_A.weight.device.type == "meta" else self.lora_A.weight
         device = like.device if like.device.type != "meta" else torch.device("cpu")
-        a = torch.empty(self.r, self.in_features, device=device, dtype=like.dtype)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        state_dict[prefix + "lora_A.weight"] = a
+        a = draw_lora_A(self.r, self.in_features, name=self.lora_name or prefix[:-1], seed=self.lora_seed,
+                        dtype=like.dtype)
+        state_dict[prefix + "lora_A.weight"] = a.to(device)
         state_dict[prefix + "lora_B.weight"] = torch.zeros(self.out_features, self.r, device=device, dtype=like.dtype)
 
 
