@@ -114,13 +114,25 @@ class LoRALinear(nn.Module):
             return self.linear(x)
         w, bias = self.linear.weight, self.linear.bias
         a, b = self.lora_A.weight, self.lora_B.weight
-        fast = (type(self.linear) is nn.Linear and not w.requires_grad and (bias is None or not bias.requires_grad)
-                and x.dtype == w.dtype == a.dtype == b.dtype
-                and (isinstance(self.dropout, nn.Identity) or not self.training))
-        if fast:
+        frozen = (type(self.linear) is nn.Linear and not w.requires_grad and (bias is None or not bias.requires_grad)
+                  and (isinstance(self.dropout, nn.Identity) or not self.training))
+        amp = _autocast_dtype(x)
+        if frozen and amp is None and x.dtype == w.dtype == a.dtype == b.dtype:
             return _LoRAFunction.apply(x, w, bias, a, b, self.scaling)
-        # General path (base trains, dropout active, mixed dtypes, Linear subclasses): autograd
-        # over the same two GEMMs, the adapter GEMM adding into the base output of a 2-D input.
+        if frozen and amp is not None and all(t.dtype in _AMP_ELIGIBLE for t in (x, w, a, b)):
+            # Autocast casts every floating input of a matmul to ``amp`` (as it would for the two
+            # F.linear calls of PEFT's forward); do those casts once here and run the same two
+            # GEMMs in ``amp`` with autocast off, so the in-place accumulation sees one dtype.
+            with torch.autocast(x.device.type, enabled=False):
+                return _LoRAFunction.apply(x.to(amp), w.to(amp), None if bias is None else bias.to(amp),
+                                           a.to(amp), b.to(amp), self.scaling)
+        return self._general_forward(x)
+
+    def _general_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base trains, dropout active, mixed dtypes, Linear subclasses: autograd over the same
+        two GEMMs, the adapter GEMM adding into the base output of a 2-D input. Under autocast
+        every matmul runs in autocast's dtype, as in PEFT."""
+        a, b = self.lora_A.weight, self.lora_B.weight
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         out = self.linear(x2)
@@ -229,6 +241,18 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         state_dict[prefix + "lora_A.weight"] = a
         state_dict[prefix + "lora_B.weight"] = torch.zeros(self.out_features, self.r, device=device, dtype=like.dtype)
+
+
+#: dtypes autocast casts (float64 is left alone, so a float64 input takes the general path)
+_AMP_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``x``'s device, or None when autocast is off there."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 class _LoRAFunction(torch.autograd.Function):
