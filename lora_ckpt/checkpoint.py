@@ -10,6 +10,7 @@ from torch import nn
 
 from .errors import KeyMismatchError, quote_list
 from .files import PathLike, checkpoint_files, load_tensors
+from .nf4 import releasing_file_pages
 
 __all__ = ["LoadResult", "load_checkpoint", "read_checkpoint"]
 
@@ -39,7 +40,9 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
     LoRA-wrapped layers accept the stock ``weight``/``bias`` keys (and other LoRA dialects),
     so a strict load works unchanged. A model built on the ``meta`` device is loaded with
     ``assign=True``: the checkpoint's memory-mapped tensors become the parameters, so no random
-    initialisation is paid and peak memory stays near the checkpoint size.
+    initialisation is paid and peak memory stays near the checkpoint size. Layers with an NF4 base
+    (``quantize_base=True``) quantize their weights tensor by tensor as they load and release the
+    file pages they read, so peak memory is the quantized model plus one chunk.
 
     Args:
         model: the model to load into.
@@ -62,7 +65,8 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
     """
     state = read_checkpoint(source)
     assign = any(p.device.type == "meta" for p in model.parameters())
-    result = model.load_state_dict(state, strict=False, assign=assign)
+    with releasing_file_pages():  # NF4 layers quantize these fresh file-backed tensors and drop their pages
+        result = model.load_state_dict(state, strict=False, assign=assign)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if strict and (missing or unexpected):
         parts = []

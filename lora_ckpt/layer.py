@@ -24,10 +24,12 @@ from .errors import (
     AmbiguousKeyError,
     IncompleteAdapterError,
     MergedLayerError,
+    QuantizedMergeError,
     ShapeMismatchError,
     quote_list,
 )
 from .keys import _ALIASES, ADAPTER_PARAMS
+from .nf4 import NF4Linear, qlora_linear
 
 __all__ = ["LoRALinear"]
 
@@ -49,7 +51,14 @@ class LoRALinear(nn.Module):
         bias: whether the base Linear has a bias.
         use_rslora: use ``alpha / sqrt(r)`` as the scale.
         device: device of all parameters.
-        dtype: dtype of all parameters.
+        dtype: dtype of all parameters (with ``quantize_base``: the adapters' dtype and the dtype the
+            NF4 base is quantized in and dequantized to).
+        quantize_base: hold the base weight in NF4 (QLoRA, torchao's ``NF4Tensor`` with torchtune's
+            block sizes; see :mod:`lora_ckpt.nf4`). Needs ``pip install lora-ckpt[nf4]``.
+
+    Raises:
+        QuantizationError: ``quantize_base`` and NF4 cannot block a weight of this size.
+        MissingDependencyError: ``quantize_base`` and torchao is not installed.
 
     Example:
         >>> layer = LoRALinear(16, 32, r=4, alpha=8)
@@ -59,26 +68,32 @@ class LoRALinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, *,
                  dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 quantize_base: bool = False) -> None:
         super().__init__()
-        linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        linear: nn.Module = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if quantize_base:
+            linear = NF4Linear.from_linear(linear)  # type: ignore[arg-type]
         self._setup(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, r: int, alpha: float, dropout: float = 0.0,
-                    use_rslora: bool = False) -> LoRALinear:
-        """Wrap an existing ``nn.Linear`` (its weight is shared, not copied).
+    def from_linear(cls, linear: nn.Linear | NF4Linear, *, r: int, alpha: float, dropout: float = 0.0,
+                    use_rslora: bool = False, quantize_base: bool = False) -> LoRALinear:
+        """Wrap an existing ``nn.Linear`` (its weight is shared, not copied) or :class:`NF4Linear`.
 
-        The adapter is created on the Linear's device and dtype (``meta`` stays ``meta``).
+        The adapter is created on the Linear's device and dtype (``meta`` stays ``meta``). With
+        ``quantize_base`` the weight is quantized to NF4 instead of shared (the bias is shared).
         """
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, (nn.Linear, NF4Linear)):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if quantize_base and isinstance(linear, nn.Linear):
+            linear = NF4Linear.from_linear(linear)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         return self
 
-    def _setup(self, linear: nn.Linear, *, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+    def _setup(self, linear: nn.Linear | NF4Linear, *, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
         w = linear.weight
@@ -91,6 +106,11 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.linear.requires_grad_(False)
         self.reset_lora_parameters()
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weight is NF4 (``quantize_base=True``)."""
+        return isinstance(self.linear, NF4Linear)
 
     @property
     def scaling(self) -> float:
@@ -106,7 +126,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
-                + (", rslora" if self.use_rslora else "") + (", merged" if self.merged else ""))
+                + (", rslora" if self.use_rslora else "") + (", nf4 base" if self.quantized else "") + (", merged" if self.merged else ""))
 
     # ------------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,18 +134,21 @@ class LoRALinear(nn.Module):
             return self.linear(x)
         w, bias = self.linear.weight, self.linear.bias
         a, b = self.lora_A.weight, self.lora_B.weight
-        frozen = (type(self.linear) is nn.Linear and not w.requires_grad and (bias is None or not bias.requires_grad)
+        quantized = self.quantized  # NF4 base: dequantized inside the GEMMs (nf4.dequantize), never saved
+        fused = qlora_linear if quantized else _LoRAFunction.apply
+        frozen = ((quantized or type(self.linear) is nn.Linear) and not w.requires_grad
+                  and (bias is None or not bias.requires_grad)
                   and (isinstance(self.dropout, nn.Identity) or not self.training))
         amp = _autocast_dtype(x)
-        if frozen and amp is None and x.dtype == w.dtype == a.dtype == b.dtype:
-            return _LoRAFunction.apply(x, w, bias, a, b, self.scaling)
+        if frozen and amp is None and x.dtype == (x.dtype if quantized else w.dtype) == a.dtype == b.dtype:
+            return fused(x, w, bias, a, b, self.scaling)
         if frozen and amp is not None and all(t.dtype in _AMP_ELIGIBLE for t in (x, w, a, b)):
             # Autocast casts every floating input of a matmul to ``amp`` (as it would for the two
             # F.linear calls of PEFT's forward); do those casts once here and run the same two
             # GEMMs in ``amp`` with autocast off, so the in-place accumulation sees one dtype.
             with torch.autocast(x.device.type, enabled=False):
-                return _LoRAFunction.apply(x.to(amp), w.to(amp), None if bias is None else bias.to(amp),
-                                           a.to(amp), b.to(amp), self.scaling)
+                return fused(x.to(amp), w if quantized else w.to(amp), None if bias is None else bias.to(amp),
+                             a.to(amp), b.to(amp), self.scaling)
         return self._general_forward(x)
 
     def _general_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,9 +171,22 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         """Fold the adapter into ``linear.weight`` (computed in float32, cast back once).
 
+        A quantized (NF4) base refuses: NF4 cannot hold ``W + scaling·B·A`` (re-quantizing would round
+        the merged weight by up to half a code step per element, so the merged layer would no longer
+        compute what was trained, and ``unmerge`` could not give the base back), and merging into a
+        dense copy would bring back the memory the quantization was chosen to save. To ship a merged
+        model use :func:`lora_ckpt.stock_state_dict` (the dequantized base plus the adapter, the weights
+        the quantized model computes with) or ``lora-ckpt merge`` (the bf16 original plus the adapter).
+
         Raises:
             MergedLayerError: the layer is already merged.
+            QuantizedMergeError: the base is NF4.
         """
+        if self.quantized:
+            raise QuantizedMergeError(
+                "merge() of a LoRALinear with an NF4 base: NF4 cannot hold the merged weight exactly; expected a "
+                "dense base; export with lora_ckpt.stock_state_dict(model) (dequantized base + adapter) or merge "
+                "the bf16 original with `lora-ckpt merge`")
         if self.merged:
             raise MergedLayerError("layer is already merged; call unmerge() first")
         w = self.linear.weight

@@ -39,6 +39,7 @@ __all__ = [
     "BLOCK_SIZE",
     "NF4Linear",
     "SCALER_BLOCK_SIZE",
+    "check_quantizable",
     "dequantize",
     "is_nf4",
     "qlora_linear",
