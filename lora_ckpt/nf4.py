@@ -97,7 +97,7 @@ def check_quantizable(shape: tuple[int, ...] | torch.Size, *, key: str | None = 
     numel = math.prod(shape)
     if len(shape) in (1, 2) and numel and numel % _QUANTUM == 0:
         return
-    what = f"{key}: " if key else ""
+    what = f"{key!r}: " if key else ""
     raise QuantizationError(
         f"{what}weight of shape {tuple(shape)} ({numel} elements) cannot be NF4-quantized: expected a 1-D or 2-D "
         f"tensor whose size is a multiple of {_QUANTUM} ({BLOCK_SIZE}-element blocks in groups of "
