@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +24,19 @@ from .errors import (
     AmbiguousKeyError,
     IncompleteAdapterError,
     MergedLayerError,
+    QuantizationError,
     QuantizedMergeError,
     ShapeMismatchError,
     quote_list,
 )
 from .keys import _ALIASES, ADAPTER_PARAMS
-from .nf4 import NF4Linear, qlora_linear
+from .nf4 import NF4Linear, dequantize, qlora_linear
 
 __all__ = ["LoRALinear"]
 
 logger = logging.getLogger(__name__)
+
+_Layer = TypeVar("_Layer", bound="LoRALinear")
 
 
 class LoRALinear(nn.Module):
@@ -66,51 +69,80 @@ class LoRALinear(nn.Module):
         <All keys matched successfully>
     """
 
+    linear: nn.Linear  # the base (for LoRAConv1D a transformers Conv1D: same weight/bias attributes)
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+
+    #: the exact base type whose forward is ``x @ Wᵀ + b`` (the fast path runs only for it)
+    base_type: ClassVar[type[nn.Module]] = nn.Linear
+    #: the base stores its weight (in, out), as transformers' ``Conv1D`` does, instead of (out, in)
+    fan_in_fan_out: ClassVar[bool] = False
+
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, *,
                  dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  quantize_base: bool = False) -> None:
         super().__init__()
-        linear: nn.Module = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if quantize_base:
-            linear = NF4Linear.from_linear(linear)  # type: ignore[arg-type]
-        self._setup(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        base = self.make_base(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(self._quantized(base) if quantize_base else base, r=r, alpha=alpha, dropout=dropout,
+                    use_rslora=use_rslora)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear | NF4Linear, *, r: int, alpha: float, dropout: float = 0.0,
-                    use_rslora: bool = False, quantize_base: bool = False) -> LoRALinear:
-        """Wrap an existing ``nn.Linear`` (its weight is shared, not copied) or :class:`NF4Linear`.
+    def make_base(cls, in_features: int, out_features: int, *, bias: bool,
+                  device: torch.device | str | None, dtype: torch.dtype | None) -> nn.Module:
+        """A new base module of :attr:`base_type` (``nn.Linear`` here)."""
+        return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+
+    @staticmethod
+    def base_features(base: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)`` of a base module (from its (out, in) weight)."""
+        out_features, in_features = _weight_of(base).shape
+        return in_features, out_features
+
+    @classmethod
+    def from_linear(cls: type[_Layer], linear: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
+                    use_rslora: bool = False, quantize_base: bool = False) -> _Layer:
+        """Wrap an existing ``nn.Linear`` (its weight is shared, not copied), or an :class:`NF4Linear`.
 
         The adapter is created on the Linear's device and dtype (``meta`` stays ``meta``). With
         ``quantize_base`` the weight is quantized to NF4 instead of shared (the bias is shared).
         """
-        if not isinstance(linear, (nn.Linear, NF4Linear)):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        if quantize_base and isinstance(linear, nn.Linear):
-            linear = NF4Linear.from_linear(linear)
+        quantized = isinstance(linear, NF4Linear) and not cls.fan_in_fan_out
+        if not isinstance(linear, cls.base_type) and not quantized:
+            raise TypeError(f"{cls.__name__}.from_linear expects an {cls.base_type.__name__}, "
+                            f"got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        base = cls._quantized(linear) if quantize_base and not quantized else linear
+        self._setup(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         return self
 
-    def _setup(self, linear: nn.Linear | NF4Linear, *, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
-        w = linear.weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.linear = linear
-        self.lora_A = nn.Linear(linear.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, linear.out_features, bias=False, device=w.device, dtype=w.dtype)
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self.linear.requires_grad_(False)
-        self.reset_lora_parameters()
+    @classmethod
+    def _quantized(cls, base: nn.Module) -> NF4Linear:
+        if cls.fan_in_fan_out or not isinstance(base, nn.Linear):
+            raise QuantizationError(
+                f"quantize_base=True for a {type(base).__name__} base: expected an nn.Linear (NF4 bases are "
+                "Linear-only); leave this layer unquantized", shape=tuple(_weight_of(base).shape))
+        return NF4Linear.from_linear(base)
 
     @property
     def quantized(self) -> bool:
         """Whether the base weight is NF4 (``quantize_base=True``)."""
         return isinstance(self.linear, NF4Linear)
+
+    def _setup(self, linear: nn.Module, *, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+        w = linear.weight
+        self.in_features, self.out_features = self.base_features(linear)
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.linear = linear  # type: ignore[assignment]  # nn.Linear or a Conv1D
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.linear.requires_grad_(False)
+        self.reset_lora_parameters()
 
     @property
     def scaling(self) -> float:
@@ -134,9 +166,11 @@ class LoRALinear(nn.Module):
             return self.linear(x)
         w, bias = self.linear.weight, self.linear.bias
         a, b = self.lora_A.weight, self.lora_B.weight
+        if self.fan_in_fan_out:
+            w = w.t()  # (out, in) view of the (in, out) weight: the GEMMs read it transposed, no copy
         quantized = self.quantized  # NF4 base: dequantized inside the GEMMs (nf4.dequantize), never saved
         fused = qlora_linear if quantized else _LoRAFunction.apply
-        frozen = ((quantized or type(self.linear) is nn.Linear) and not w.requires_grad
+        frozen = ((quantized or type(self.linear) is self.base_type) and not w.requires_grad
                   and (bias is None or not bias.requires_grad)
                   and (isinstance(self.dropout, nn.Identity) or not self.training))
         amp = _autocast_dtype(x)
@@ -167,6 +201,19 @@ class LoRALinear(nn.Module):
         """``scaling * B @ A`` in float32, shape (out, in)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def _stored_delta(self) -> torch.Tensor:
+        d = self.delta_weight()
+        return d.t() if self.fan_in_fan_out else d
+
+    def merged_weight(self) -> torch.Tensor:
+        """``linear.weight + scaling * B @ A`` as the base stores it ((in, out) for ``fan_in_fan_out``),
+        computed in float32 and cast once to the weight's dtype; the layer is not modified. An NF4 base
+        is dequantized first: the adapter merges into the weight the quantized model computes with."""
+        w = self.linear.weight.detach()
+        if self.quantized:
+            w = dequantize(w, w.dtype)
+        return w if self.merged else (w.float() + self._stored_delta()).to(w.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``linear.weight`` (computed in float32, cast back once).
@@ -189,8 +236,7 @@ class LoRALinear(nn.Module):
                 "the bf16 original with `lora-ckpt merge`")
         if self.merged:
             raise MergedLayerError("layer is already merged; call unmerge() first")
-        w = self.linear.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.linear.weight.copy_(self.merged_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -203,7 +249,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise MergedLayerError("layer is not merged; nothing to unmerge")
         w = self.linear.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        w.copy_((w.float() - self._stored_delta()).to(w.dtype))
         self.merged = False
 
     # ------------------------------------------------------------------- state dicts
@@ -277,6 +323,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         state_dict[prefix + "lora_A.weight"] = a
         state_dict[prefix + "lora_B.weight"] = torch.zeros(self.out_features, self.r, device=device, dtype=like.dtype)
+
+
+def _weight_of(base: nn.Module) -> torch.Tensor:
+    w = base.weight
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise TypeError(f"{type(base).__name__} has no 2-D weight; LoRA layers wrap Linear-like modules")
+    return w
 
 
 #: dtypes autocast casts (float64 is left alone, so a float64 input takes the general path)

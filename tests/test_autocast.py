@@ -100,6 +100,38 @@ def test_frozen_base_under_autocast_matches_peft(device, amp, bias, grad):
 
 
 @pytest.mark.parametrize("amp", AMP)
+def test_conv1d_under_autocast_matches_peft(amp):
+    """transformers' Conv1D (weight (in, out)) wrapped by LoRAConv1D and by PEFT (fan_in_fan_out)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    from lora_ckpt.conv1d import LoRAConv1D
+
+    g = torch.Generator().manual_seed(0)
+    conv = Conv1D(40, 48)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / 7)
+        conv.bias.copy_(torch.randn(40, generator=g))
+    ours = LoRAConv1D.from_conv1d(copy.deepcopy(conv), r=4, alpha=8)
+    peft = get_peft_model(_One(copy.deepcopy(conv)), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
+                                                                  fan_in_fan_out=True))
+    player = peft.base_model.model.proj
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B"):
+            t = torch.randn(getattr(ours, name).weight.shape, generator=g)
+            getattr(ours, name).weight.copy_(t)
+            getattr(player, name)["default"].weight.copy_(t)
+    x = torch.randn(2, 5, 48, generator=g)
+    gy = torch.randn(2, 5, 40, generator=g)
+    y, gx = _run(ours, x, gy, amp, "cpu", grad=True)
+    py, pgx = _run(peft, x, gy, amp, "cpu", grad=True)
+    ref = x.double() @ conv.weight.double() + conv.bias.double() + ours.scaling * (
+        x.double() @ ours.lora_A.weight.double().T) @ ours.lora_B.weight.double().T
+    _close_to_peft(y, py, ref, amp)
+    torch.testing.assert_close(gx, pgx, rtol=0, atol=8 * torch.finfo(amp).eps * pgx.abs().max().item())
+
+
+@pytest.mark.parametrize("amp", AMP)
 def test_dropout_training_under_autocast_matches_peft(amp):
     """Active dropout takes the general path; with the same RNG state both draw the same mask."""
     ours, peft, _ = _pair("cpu", bias=True, dropout=0.25)
