@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .bnb import bnb_4bit_weights, from_bnb_state_dict
 from .errors import KeyMismatchError, quote_list
 from .files import PathLike, checkpoint_files, load_tensors
 from .nf4 import releasing_file_pages
@@ -42,7 +43,9 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
     ``assign=True``: the checkpoint's memory-mapped tensors become the parameters, so no random
     initialisation is paid and peak memory stays near the checkpoint size. Layers with an NF4 base
     (``quantize_base=True``) quantize their weights tensor by tensor as they load and release the
-    file pages they read, so peak memory is the quantized model plus one chunk.
+    file pages they read, so peak memory is the quantized model plus one chunk. A bitsandbytes 4-bit
+    checkpoint (``Linear4bit`` keys) is read through :func:`lora_ckpt.bnb.from_bnb_state_dict` into
+    such a model (lossy by at most one NF4 code step per element).
 
     Args:
         model: the model to load into.
@@ -64,6 +67,8 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
         >>> load_checkpoint(model, "llama/")   # strict=True, adapters start as no-ops
     """
     state = read_checkpoint(source)
+    if bnb_4bit_weights(state):  # a bitsandbytes 4-bit checkpoint: its weights become NF4Tensors, one at a time
+        state = from_bnb_state_dict(state)
     assign = any(p.device.type == "meta" for p in model.parameters())
     with releasing_file_pages():  # NF4 layers quantize these fresh file-backed tensors and drop their pages
         result = model.load_state_dict(state, strict=False, assign=assign)
