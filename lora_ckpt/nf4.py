@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 BLOCK_SIZE = 64  # elements per NF4 scale (torchtune's and bitsandbytes' default)
 SCALER_BLOCK_SIZE = 256  # scales per int8 second-level scale group (torchtune's default)
 _QUANTUM = BLOCK_SIZE * SCALER_BLOCK_SIZE  # a quantized tensor's numel must be a multiple of this
-_CHUNK = {"cpu": 1 << 20, "other": 1 << 24}  # elements quantized at once (a multiple of BLOCK_SIZE)
+_CHUNK = {"cpu": 1 << 19, "other": 1 << 24}  # elements quantized at once (a multiple of BLOCK_SIZE)
 # torchao's NF4Tensor has lived in torchao.dtypes.nf4tensor; in April 2026 it moved (a torchtune break).
 _TORCHAO_MODULES = ("torchao.dtypes.nf4tensor", "torchao.quantization.nf4tensor", "torchao.quantization",
                     "torchao.dtypes")
