@@ -90,13 +90,14 @@ def child(variant: str, work: Path, params: dict, threads: int | None) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    import torch._dynamo  # noqa: F401  (imported by both paths anyway; counted under imports)
+    import torch._dynamo
 
     if variant == "lora_ckpt":
+        import torchao.dtypes.nf4tensor  # noqa: F401  (lora_ckpt imports it on first use; counted as an import)
+
         from lora_ckpt.checkpoint import load_checkpoint
         from lora_ckpt.demo import build_meta_model
         from lora_ckpt.inject import inject_lora
-        import torchao.dtypes.nf4tensor  # noqa: F401  (lora_ckpt imports it on first use; counted as an import)
     else:
         try:
             import torchtune.training  # noqa: F401
@@ -186,8 +187,9 @@ def print_load(results: dict[str, list[dict]], ckpt_bytes: int, params: dict) ->
     print("|---|---|---|---|---|---|---|---|---|---|")
     for v, m in med.items():
         print(f"| {v} | {m['ready_s']:.1f} | {m['forward_s']:.2f} | {m['peak_rss'] / mib:.0f} | "
-              f"{m['rss_imported'] / mib:.0f} | {(m['peak_rss'] - m['rss_imported']) / mib:.0f} | {m['nf4'] / mib:.0f} | "
-              f"{m['unquantized'] / mib:.0f} | {m['adapter'] / mib:.1f} | {results[v][0]['codes_sha']} |")
+              f"{m['rss_imported'] / mib:.0f} | {(m['peak_rss'] - m['rss_imported']) / mib:.0f} | "
+              f"{m['nf4'] / mib:.0f} | {m['unquantized'] / mib:.0f} | {m['adapter'] / mib:.1f} | "
+              f"{results[v][0]['codes_sha']} |")
     print("\n| variant | peak above imports / model bytes | peak / model bytes | peak above imports / bf16 ckpt "
           "| peak / bf16 ckpt |")
     print("|---|---|---|---|---|")
@@ -272,6 +274,45 @@ def build_layers(in_f: int, out_f: int, r: int, dtype, device: str, variants: li
     return {"layers": layers, "skipped": skipped}
 
 
+def time_steps(layers: dict, x, gy, *, rounds: int, iters: int, warmup: int, cuda: bool) -> dict[str, list[float]]:
+    """Milliseconds of each forward+backward step, variants interleaved in rounds (bench/forward.py's scheme)."""
+    import torch
+
+    params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in layers.items()}
+
+    def step(name: str) -> None:
+        x.grad = None
+        for p in params[name]:
+            p.grad = None
+        layers[name](x).backward(gy)
+
+    for name in layers:
+        for _ in range(warmup):
+            step(name)
+    times: dict[str, list[float]] = {n: [] for n in layers}
+    per_round = max(1, math.ceil(iters / rounds))
+    names = list(layers)
+    for rnd in range(rounds):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            for _ in range(per_round):
+                if cuda:
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    step(name)
+                    e.record()
+                    torch.cuda.synchronize()
+                    times[name].append(s.elapsed_time(e))
+                else:
+                    t0 = time.perf_counter()
+                    step(name)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _ratio(med: dict[str, float], u: str, v: str) -> str:
+    return f"{med[u] / med[v]:.3f}" if u in med and v in med else "-"
+
+
 def bench_forward(args: argparse.Namespace) -> int:
     import torch
 
@@ -293,41 +334,13 @@ def bench_forward(args: argparse.Namespace) -> int:
         x = torch.randn(t, in_f, generator=gen).to(args.device, dtype).requires_grad_(True)
         gy = torch.randn(t, out_f, generator=gen).to(args.device, dtype)
         outs = {n: m(x).detach().float() for n, m in layers.items()}
-        params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in layers.items()}
-
-        def step(name: str) -> None:
-            x.grad = None
-            for p in params[name]:
-                p.grad = None
-            layers[name](x).backward(gy)
-
-        for name in layers:
-            for _ in range(warmup):
-                step(name)
-        times: dict[str, list[float]] = {n: [] for n in layers}
-        per_round = max(1, math.ceil(iters / rounds))
-        names = list(layers)
-        for rnd in range(rounds):
-            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-                for _ in range(per_round):
-                    if cuda:
-                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        s.record()
-                        step(name)
-                        e.record()
-                        torch.cuda.synchronize()
-                        times[name].append(s.elapsed_time(e))
-                    else:
-                        t0 = time.perf_counter()
-                        step(name)
-                        times[name].append((time.perf_counter() - t0) * 1e3)
+        times = time_steps(layers, x, gy, rounds=rounds, iters=iters, warmup=warmup, cuda=cuda)
         med = {n: statistics.median(v) for n, v in times.items()}
         cells = [f"{med[v]:.3f}" if v in med else skipped.get(v, "-") for v in args.variants]
-        ratio = lambda u, v: f"{med[u] / med[v]:.3f}" if u in med and v in med else "-"  # noqa: E731
         diff = (f"{((outs['lora_ckpt'] - outs['torchtune']).norm() / outs['torchtune'].norm()).item():.1e}"
                 if "lora_ckpt" in outs and "torchtune" in outs else "-")
-        print(f"| ({t}, {in_f}->{out_f}, {r}) | " + " | ".join(cells) +
-              f" | {ratio('lora_ckpt', 'torchtune')} | {ratio('lora_ckpt', 'peft_bnb')} | {diff} |", flush=True)
+        ratios = f"{_ratio(med, 'lora_ckpt', 'torchtune')} | {_ratio(med, 'lora_ckpt', 'peft_bnb')}"
+        print(f"| ({t}, {in_f}->{out_f}, {r}) | " + " | ".join(cells) + f" | {ratios} | {diff} |", flush=True)
         del layers, built
         if cuda:
             torch.cuda.empty_cache()

@@ -130,7 +130,9 @@ def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha
                 raise QuantizationError(
                     f"{name!r} is a {type(candidates[name]).__name__}: quantize_base=True wraps nn.Linear only; "
                     "expected Linear targets; leave it out of the targets", key=f"{name}.weight")
-            check_quantizable(candidates[name].weight.shape, key=f"{name}.weight")
+            weight = candidates[name].weight
+            assert isinstance(weight, torch.Tensor)
+            check_quantizable(weight.shape, key=f"{name}.weight")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in new:

@@ -158,7 +158,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
-                + (", rslora" if self.use_rslora else "") + (", nf4 base" if self.quantized else "") + (", merged" if self.merged else ""))
+                + (", rslora" if self.use_rslora else "") + (", nf4 base" if self.quantized else "")
+                + (", merged" if self.merged else ""))
 
     # ------------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,8 @@ from .errors import MissingDependencyError, QuantizationError
 
 __all__ = [
     "BLOCK_SIZE",
-    "NF4Linear",
     "SCALER_BLOCK_SIZE",
+    "NF4Linear",
     "check_quantizable",
     "dequantize",
     "is_nf4",

@@ -3,9 +3,9 @@ quantized LoRALinear; stock checkpoints in every layout the project reads load s
 
 import copy
 import os
-from functools import partial
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,14 +14,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 pytest.importorskip("torchao")
-from torchao.dtypes.nf4tensor import to_nf4  # noqa: E402
+from torchao.dtypes.nf4tensor import to_nf4
 
-from lora_ckpt import LoRALinear, adapter_state_dict, inject_lora, load_checkpoint, stock_state_dict  # noqa: E402
-from lora_ckpt import nf4  # noqa: E402
-from lora_ckpt.demo import MetaTransformer, build_meta_model  # noqa: E402
-from lora_ckpt.errors import MissingDependencyError, QuantizationError, QuantizedMergeError  # noqa: E402
-from lora_ckpt.keys import KEY_DIALECTS  # noqa: E402
-from lora_ckpt.nf4 import NF4Linear, is_nf4, quantize_nf4  # noqa: E402
+from lora_ckpt import (
+    LoRALinear,
+    adapter_state_dict,
+    inject_lora,
+    load_checkpoint,
+    nf4,
+    stock_state_dict,
+)
+from lora_ckpt.demo import MetaTransformer, build_meta_model
+from lora_ckpt.errors import MissingDependencyError, QuantizationError, QuantizedMergeError
+from lora_ckpt.keys import KEY_DIALECTS
+from lora_ckpt.nf4 import NF4Linear, is_nf4, quantize_nf4
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -253,7 +259,7 @@ def test_torchtune_qlora_model_checkpoint_loads_strict():
     sd = tt.state_dict()
     assert all(type(v) is torch.Tensor for v in sd.values())
     ours = copy.deepcopy(tt)  # the same module tree, rebuilt as lora-ckpt QLoRA layers
-    for name, m in list(ours.named_modules()):
+    for m in list(ours.modules()):
         for child_name, child in list(m.named_children()):
             if type(child).__name__ == "LoRALinear":
                 plain = nn.Linear(child.in_dim, child.out_dim, bias=child.use_bias, dtype=torch.bfloat16)
@@ -334,7 +340,7 @@ def test_a_size_nf4_cannot_block_is_a_typed_error():
         LoRALinear(100, 30, r=2, alpha=4, quantize_base=True)
     assert e.value.shape == (30, 100) and isinstance(e.value, ValueError)
     model = nn.Sequential(nn.Linear(256, 64), nn.Linear(64, 10))
-    with pytest.raises(QuantizationError, match="'1.weight'"):
+    with pytest.raises(QuantizationError, match=r"'1\.weight'"):
         inject_lora(model, targets=["0", "1"], r=2, alpha=4, quantize_base=True)
     assert all(type(m) is nn.Linear for m in model)  # nothing replaced
     with pytest.raises(QuantizationError):
