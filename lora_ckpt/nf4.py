@@ -41,6 +41,7 @@ __all__ = [
     "NF4Linear",
     "check_quantizable",
     "dequantize",
+    "dequantize_reference",
     "is_nf4",
     "qlora_linear",
     "quantize_nf4",
@@ -193,9 +194,11 @@ def _release_pages(t: torch.Tensor) -> None:
 def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The dense ``dtype`` tensor an NF4 weight stands for: the one dispatch point of every quantized forward
     and backward. On CUDA it uses ``lora_ckpt.nf4_kernels.dequantize_nf4(weight, dtype)`` when that module
-    exists (a Triton kernel); otherwise torchao's ``NF4Tensor.to(dtype)``. Plain tensors are cast."""
+    exists (a Triton kernel); otherwise :func:`dequantize_reference`. Plain tensors are cast."""
     global _kernel
-    if weight.device.type == "cuda" and is_nf4(weight):
+    if not is_nf4(weight):
+        return weight.to(dtype)
+    if weight.device.type == "cuda":
         if _kernel is None:
             try:
                 _kernel = importlib.import_module(".nf4_kernels", __package__).dequantize_nf4
@@ -203,7 +206,28 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                 _kernel = False
         if _kernel:
             return _kernel(weight, dtype)
-    return weight.to(dtype)
+    return dequantize_reference(weight, dtype)
+
+
+@torch.no_grad()
+def dequantize_reference(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torchao's ``NF4Tensor.to(dtype)`` bit for bit (the same products in the NF4 tensor's dtype, then one
+    cast), computed in chunks of blocks with int32 code indices instead of torchao's int64 ones, so the only
+    full-size allocation is the result."""
+    if not weight.is_contiguous() or weight.device.type == "meta":
+        return weight.to(dtype)
+    scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
+                                       weight.scaler_block_size)  # (n_blocks,) in weight.dtype, torchao's own
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    flat, codes, block = out.view(-1), weight.quantized_data, weight.block_size
+    chunk = _CHUNK["cpu" if weight.device.type == "cpu" else "other"]
+    for start in range(0, flat.numel(), chunk):
+        stop = min(start + chunk, flat.numel())
+        packed = codes[start // 2:stop // 2]
+        idx = torch.stack((packed >> 4, packed & 0xF), dim=-1).view(-1).to(torch.int32)
+        vals = weight.nf4.index_select(0, idx).view(-1, block) * scales[start // block:stop // block].unsqueeze(-1)
+        flat[start:stop] = vals.view(-1)
+    return out
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

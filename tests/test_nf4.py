@@ -376,3 +376,13 @@ def test_missing_torchao_is_a_typed_error_and_plain_lora_still_works():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "TYPED torchao nf4 True" in out.stdout
     assert MissingDependencyError.__mro__[1].__name__ == "LoraCkptError"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_dispatch_equals_torchao_to_dtype(monkeypatch, dtype):
+    monkeypatch.setitem(nf4._CHUNK, "cpu", 4096)  # several chunks
+    w4 = quantize_nf4(torch.randn(384, 128, generator=torch.Generator().manual_seed(2)).to(dtype))
+    for out in (dtype, torch.float32, torch.bfloat16):
+        assert torch.equal(nf4.dequantize(w4, out), w4.to(out))
+    plain = torch.ones(3, dtype=dtype)
+    assert nf4.dequantize(plain, torch.float32).dtype == torch.float32
