@@ -163,7 +163,7 @@ def quantize_nf4(tensor: torch.Tensor, *, dtype: torch.dtype | None = None,
         part = src.to(device=device, dtype=dtype).view(-1, BLOCK_SIZE)
         scale = part.abs().max(dim=1).values
         absmax[start // BLOCK_SIZE:stop // BLOCK_SIZE] = scale
-        idx = ao.NF4Tensor.quantize_tensor_nearest((part / scale.unsqueeze(-1)).flatten(), lut).to(torch.uint8)
+        idx = _nearest_codes((part / scale.unsqueeze(-1)).flatten(), lut, ao)
         codes[start // 2:stop // 2] = idx[::2] << 4 | idx[1::2]
         del part, idx
         if release:
@@ -176,6 +176,26 @@ def quantize_nf4(tensor: torch.Tensor, *, dtype: torch.dtype | None = None,
     meta = ao.SubclassTensorArgs(tensor.shape, _contiguous_strides(tensor.shape), 0, dtype, device, False)
     return ao.NF4Tensor(meta, BLOCK_SIZE, n_blocks, SCALER_BLOCK_SIZE, scalers, factor.contiguous(), mean, codes, lut)
 
+
+def _nearest_codes(scaled: torch.Tensor, lut: torch.Tensor, ao: SimpleNamespace) -> torch.Tensor:
+    """torchao's ``quantize_tensor_nearest`` (the code of the nearest NF4 value, ties to the lower code).
+
+    It is a pure function of each element's value, so for 16-bit dtypes it is evaluated once, by torchao
+    itself, on all 65536 bit patterns (per dtype and device); then each element is a table lookup by its
+    bits. float32 runs torchao's search directly."""
+    if scaled.dtype not in (torch.bfloat16, torch.float16):
+        return ao.NF4Tensor.quantize_tensor_nearest(scaled, lut).to(torch.uint8)
+    key = (scaled.dtype, scaled.device)
+    table = _code_tables.get(key)
+    if table is None:
+        every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32, device=scaled.device).to(torch.int16)
+        table = ao.NF4Tensor.quantize_tensor_nearest(every.view(scaled.dtype), lut).to(torch.uint8)
+        _code_tables[key] = table
+    bits = scaled.view(torch.int16).to(torch.int32) + (1 << 15)  # the pattern's index in `every`
+    return table.index_select(0, bits)
+
+
+_code_tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 _NF4_VALUES = [-1.0000, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0000,
                0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0000]  # torchao's (and QLoRA's) codebook

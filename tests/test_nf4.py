@@ -386,3 +386,17 @@ def test_dequantize_dispatch_equals_torchao_to_dtype(monkeypatch, dtype):
         assert torch.equal(nf4.dequantize(w4, out), w4.to(out))
     plain = torch.ones(3, dtype=dtype)
     assert nf4.dequantize(plain, torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16bit_value_gets_torchao_code(dtype):
+    """Every finite value in [-1, 1] a scaled element can take, in blocks led by 1.0 (absmax 1: the value
+    is its own scaled value); all-zero padding blocks (0/0) too."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    vals = every[every.abs() <= 1]
+    blocks = -(-vals.numel() // 63)
+    body = torch.zeros(blocks * 63, dtype=dtype)
+    body[:vals.numel()] = vals
+    t = torch.cat([torch.ones(blocks, 1, dtype=dtype), body.view(blocks, 63)], 1).reshape(-1)
+    t = torch.cat([t, torch.zeros(-t.numel() % (64 * 256), dtype=dtype)])
+    assert_same_nf4(quantize_nf4(t), to_nf4(t))
