@@ -213,15 +213,16 @@ def _release_pages(t: torch.Tensor) -> None:
 
 def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The dense ``dtype`` tensor an NF4 weight stands for: the one dispatch point of every quantized forward
-    and backward. On CUDA it uses ``lora_ckpt.nf4_kernels.dequantize_nf4(weight, dtype)`` when that module
-    exists (a Triton kernel); otherwise :func:`dequantize_reference`. Plain tensors are cast."""
+    and backward. On CUDA it uses ``lora_ckpt.nf4_kernels.dequantize(weight, dtype)`` when that module
+    exists (the Triton kernel, bit-identical to torchao); otherwise :func:`dequantize_reference`. Plain
+    tensors are cast."""
     global _kernel
     if not is_nf4(weight):
         return weight.to(dtype)
     if weight.device.type == "cuda":
         if _kernel is None:
             try:
-                _kernel = importlib.import_module(".nf4_kernels", __package__).dequantize_nf4
+                _kernel = importlib.import_module(".nf4_kernels", __package__).dequantize
             except (ImportError, AttributeError):
                 _kernel = False
         if _kernel:
