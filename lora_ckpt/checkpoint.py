@@ -10,7 +10,7 @@ from torch import nn
 
 from .bnb import bnb_4bit_weights, from_bnb_state_dict
 from .errors import KeyMismatchError, quote_list
-from .files import PathLike, checkpoint_files, load_tensors
+from .io import PathLike, checkpoint_files, load_tensors
 from .nf4 import releasing_file_pages
 
 __all__ = ["LoadResult", "load_checkpoint", "read_checkpoint"]

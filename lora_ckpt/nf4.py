@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MissingDependencyError, QuantizationError
+from .io import release_file_pages
 
 __all__ = [
     "BLOCK_SIZE",
@@ -206,8 +207,6 @@ def _contiguous_strides(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
 
 
 def _release_pages(t: torch.Tensor) -> None:
-    from .files import release_file_pages
-
     release_file_pages([t])
 
 

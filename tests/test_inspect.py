@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_ckpt.cli import LAYOUT_NAMES, main
-from lora_ckpt.index import TensorMeta, tensor_index
+from lora_ckpt.io import TensorMeta, tensor_index
 from lora_ckpt.layouts import LAYOUTS
 from lora_ckpt.report import AdapterReport, inspect_source
 
@@ -18,7 +18,7 @@ FIX = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def test_cli_layout_names_match_the_registry():
-    assert LAYOUT_NAMES == list(LAYOUTS)
+    assert list(LAYOUTS) == LAYOUT_NAMES
 
 
 @pytest.mark.parametrize("path, layout, family", [
@@ -42,7 +42,7 @@ def test_pickle_index_reads_shapes_without_torch_and_matches_torch_load():
     for k, t in real.items():
         assert isinstance(idx[k], TensorMeta) and idx[k].shape == tuple(t.shape)
         assert idx[k].dtype == str(t.dtype).removeprefix("torch.")
-    code = ("import sys; from lora_ckpt.index import tensor_index; tensor_index(sys.argv[1]); "
+    code = ("import sys; from lora_ckpt.io import tensor_index; tensor_index(sys.argv[1]); "
             "assert 'torch' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code, str(path)]).returncode == 0
 
@@ -155,6 +155,8 @@ def test_convert_refuses_output_its_reader_does_not_reproduce(tmp_path, monkeypa
             m.B = m.B * 2
 
     monkeypatch.setattr(PeftLayout, "read_meta", skewed)
-    with pytest.raises(VerificationError, match="does not reproduce the source"):
+    with pytest.raises(VerificationError, match="does not reproduce the source") as info:
         convert(FIX / "torchtune/llama-lora/epoch_0", tmp_path / "out", to="peft")
     assert list(tmp_path.iterdir()) == []
+    # a defect found at run time: RuntimeError, not AssertionError
+    assert isinstance(info.value, RuntimeError) and not isinstance(info.value, AssertionError)

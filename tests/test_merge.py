@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import lora_ckpt.stream as stream_mod
 from lora_ckpt.cli import main
 from lora_ckpt.errors import ConversionError, OutputExistsError, OutputPathError, UsageError
-from lora_ckpt.files import read_safetensors_header
+from lora_ckpt.io import read_safetensors_header
 from lora_ckpt.merge import merge_checkpoint, parse_size
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -44,7 +44,7 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
