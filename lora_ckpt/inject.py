@@ -22,8 +22,8 @@ from .keys import matches_target
 from .layer import LoRALinear
 from .nf4 import check_quantizable
 
-__all__ = ["Injected", "adapter_state_dict", "inject_lora", "lora_class_for", "lora_modules", "matches_target",
-           "stock_state_dict"]
+__all__ = ["Injected", "adapter_state_dict", "inject_lora", "lora_class_for", "lora_modules",
+           "mark_only_lora_trainable", "matches_target", "stock_state_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,6 @@ def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha
             weight = candidates[name].weight
             assert isinstance(weight, torch.Tensor)
             check_quantizable(weight.shape, key=f"{name}.weight")
-    for p in model.parameters():
-        p.requires_grad_(False)
     for name in new:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -143,13 +141,20 @@ def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha
         assert cls is not None  # checked above
         setattr(parent, child, cls.from_linear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                                quantize_base=quantize_base))
-    for m in lora_modules(model).values():
-        m.lora_A.weight.requires_grad_(True)
-        m.lora_B.weight.requires_grad_(True)
+    mark_only_lora_trainable(model)
     if before:
         logger.info("inject_lora: %d matched module(s) already wrapped, left as they are: %s", len(before),
                     quote_list(before))
     return Injected(new, before)
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` except the adapters (``lora_A``/``lora_B``) of its LoRA layers."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in lora_modules(model).values():
+        m.lora_A.weight.requires_grad_(True)
+        m.lora_B.weight.requires_grad_(True)
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:

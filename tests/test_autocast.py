@@ -93,7 +93,7 @@ def test_frozen_base_under_autocast_matches_peft(device, amp, bias, grad):
         assert gx.dtype == pgx.dtype == torch.float32
         eps = torch.finfo(amp).eps
         for g, pg in [(gx, pgx), *zip(_grads(ours.lora_A, ours.lora_B),
-                                       _grads(player.lora_A["default"], player.lora_B["default"]))]:
+                                       _grads(player.lora_A["default"], player.lora_B["default"]), strict=True)]:
             assert g.dtype == pg.dtype == torch.float32
             torch.testing.assert_close(g, pg, rtol=0, atol=8 * eps * pg.abs().max().item())
         assert ours.linear.weight.grad is None

@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
-from peers import INPUT_IDS, load_hf, rel_diff
 from torch import nn
 
 from lora_ckpt import LoRALinear, inject_lora, stock_state_dict
 from lora_ckpt.errors import AlreadyWrappedError, TargetNotFoundError, UnsupportedModuleError
+from peers import INPUT_IDS, load_hf, rel_diff
 
 
 def _peft_targeted(model, targets, **kw):
