@@ -105,10 +105,12 @@ def test_incomplete_or_fp4_bnb_state_is_a_typed_error(bnb_ckpt):
 
 
 def test_peft_adapter_trained_on_a_bnb_base_applies_to_the_quantized_model(bnb_ckpt, tmp_path):
-    """PEFT + bnb Linear4bit base: train a step, save the adapter, load base (bnb) + adapter (PEFT keys)
-    into a lora-ckpt QLoRA model. (apply_adapter is on the training-bridge branch; this is the same
-    load through the PEFT key dialect.)"""
+    """PEFT + bnb Linear4bit base: train two steps, save the adapter; into a lora-ckpt QLoRA model loaded from the
+    same bnb checkpoint, with apply_adapter."""
     from peft import LoraConfig, get_peft_model
+
+    from lora_ckpt import apply_adapter
+    from lora_ckpt.io import load_tensors
 
     bnb_model, path = bnb_ckpt
     peft_model = get_peft_model(to_bnb_4bit(tiny_llama()), LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR))
@@ -118,15 +120,17 @@ def test_peft_adapter_trained_on_a_bnb_base_applies_to_the_quantized_model(bnb_c
         peft_model(TOKENS, labels=TOKENS).loss.backward()
         opt.step()
     peft_model.save_pretrained(tmp_path / "adapter")
-    adapter = read_checkpoint(tmp_path / "adapter" / "adapter_model.safetensors")
+    adapter = load_tensors(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
 
     model = tiny_llama(seed=1)
     inject_lora(model, targets=ALL_LINEAR, r=4, alpha=8, quantize_base=True)
     load_checkpoint(model, path, strict=True)
-    prefix = "base_model.model."
-    res = model.load_state_dict({k.removeprefix(prefix): v for k, v in adapter.items()}, strict=False)
-    assert res.unexpected_keys == [] and not any("lora" in k for k in res.missing_keys)
+    applied = apply_adapter(model, tmp_path / "adapter")
+    assert len(applied) == 7 and all(model.get_submodule(n).quantized for n in applied)
+    for n in applied:
+        ours = model.get_submodule(n).lora_B.weight
+        assert torch.equal(ours, adapter[f"base_model.model.{n}.lora_B.weight"].to(ours.dtype))
     peft_model.eval()
     with torch.no_grad():
         ours, theirs = model(TOKENS).logits.float(), peft_model(TOKENS).logits.float()
