@@ -25,6 +25,7 @@ import contextvars
 import importlib
 import logging
 import math
+import sys
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -87,8 +88,13 @@ def _torchao() -> SimpleNamespace:
 
 
 def is_nf4(t: Any) -> bool:
-    """Whether ``t`` is a torchao ``NF4Tensor`` (False without importing torchao when it is not loaded)."""
-    return _torchao_ns is not None and isinstance(t, _torchao_ns.NF4Tensor)
+    """Whether ``t`` is a torchao ``NF4Tensor`` (never imports torchao: without it, nothing is one)."""
+    if _torchao_ns is None:
+        if "torchao" not in sys.modules or not isinstance(t, torch.Tensor):
+            return False
+        _torchao()
+    assert _torchao_ns is not None
+    return isinstance(t, _torchao_ns.NF4Tensor)
 
 
 def check_quantizable(shape: tuple[int, ...] | torch.Size, *, key: str | None = None) -> None:
