@@ -400,3 +400,22 @@ def test_every_16bit_value_gets_torchao_code(dtype):
     t = torch.cat([torch.ones(blocks, 1, dtype=dtype), body.view(blocks, 63)], 1).reshape(-1)
     t = torch.cat([t, torch.zeros(-t.numel() % (64 * 256), dtype=dtype)])
     assert_same_nf4(quantize_nf4(t), to_nf4(t))
+
+
+def test_save_adapter_and_apply_adapter_work_unchanged_on_a_quantized_model(tmp_path):
+    from lora_ckpt import apply_adapter, save_adapter
+
+    stock = tiny_llama()
+    model = tiny_llama(seed=1)
+    inject_lora(model, targets=ALL_LINEAR, r=4, alpha=8, quantize_base=True)
+    model.load_state_dict(stock.state_dict())
+    with torch.no_grad():
+        for p in adapter_state_dict(model).values():
+            p.normal_(0, 0.05)
+    save_adapter(model, tmp_path / "peft", layout="peft")
+    again = tiny_llama(seed=2)
+    inject_lora(again, targets=ALL_LINEAR, r=4, alpha=8, quantize_base=True)
+    again.load_state_dict(stock.state_dict())
+    apply_adapter(again, tmp_path / "peft")
+    assert all(torch.equal(v, adapter_state_dict(again)[k]) for k, v in adapter_state_dict(model).items())
+    assert torch.equal(logits(again), logits(model))
