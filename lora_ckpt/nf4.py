@@ -242,16 +242,17 @@ def dequantize_reference(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     full-size allocation is the result."""
     if not weight.is_contiguous() or weight.device.type == "meta":
         return weight.to(dtype)
-    scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
-                                       weight.scaler_block_size)  # (n_blocks,) in weight.dtype, torchao's own
+    w4: Any = weight  # an NF4Tensor: its inner tensors are plain attributes
+    # torchao's own scale dequantization: (n_blocks,) in the weight's dtype
+    scales = w4.dequantize_scalers(w4.quantized_scalers, w4.quantization_factor, w4.scaler_block_size)
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    flat, codes, block = out.view(-1), weight.quantized_data, weight.block_size
+    flat, codes, block = out.view(-1), w4.quantized_data, w4.block_size
     chunk = _CHUNK["cpu" if weight.device.type == "cpu" else "other"]
     for start in range(0, flat.numel(), chunk):
         stop = min(start + chunk, flat.numel())
         packed = codes[start // 2:stop // 2]
         idx = torch.stack((packed >> 4, packed & 0xF), dim=-1).view(-1).to(torch.int32)
-        vals = weight.nf4.index_select(0, idx).view(-1, block) * scales[start // block:stop // block].unsqueeze(-1)
+        vals = w4.nf4.index_select(0, idx).view(-1, block) * scales[start // block:stop // block].unsqueeze(-1)
         flat[start:stop] = vals.view(-1)
     return out
 
@@ -267,14 +268,14 @@ class _NF4LinearFunction(torch.autograd.Function):
     """``x·deq(W)ᵀ + b`` that saves only the NF4 weight and dequantizes again for the input gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):  # type: ignore[override]
+    def forward(ctx, x, weight, bias):
         dtype = _compute_dtype(x)
         ctx.save_for_backward(weight)
         ctx.has_bias = bias is not None
         return F.linear(x, dequantize(weight, dtype), bias)
 
     @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
+    def backward(ctx, gy):
         (weight,) = ctx.saved_tensors
         gx = gy @ dequantize(weight, gy.dtype) if ctx.needs_input_grad[0] else None
         gb = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -286,7 +287,7 @@ class _QLoRAFunction(torch.autograd.Function):
     (forward) and is dequantized again for the input gradient, never saved."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, s):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, a, b, s):
         x2 = x.reshape(-1, x.shape[-1])
         hs = torch.mm(x2, a.t()).mul_(s)
         out = torch.mm(hs, b.t()) if bias is None else torch.addmm(bias, hs, b.t())
@@ -296,7 +297,7 @@ class _QLoRAFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
+    def backward(ctx, gy):
         x, weight, a, b, hs = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1])
         gh = torch.mm(g2, b).mul_(ctx.s)
