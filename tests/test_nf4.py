@@ -419,3 +419,15 @@ def test_save_adapter_and_apply_adapter_work_unchanged_on_a_quantized_model(tmp_
     apply_adapter(again, tmp_path / "peft")
     assert all(torch.equal(v, adapter_state_dict(again)[k]) for k, v in adapter_state_dict(model).items())
     assert torch.equal(logits(again), logits(model))
+
+
+def test_torch_pickle_checkpoint_loads_strict_into_a_quantized_model(tmp_path):
+    stock = tiny_llama()
+    torch.save(stock.state_dict(), tmp_path / "pytorch_model.bin")  # memory-mapped by load_checkpoint
+    model = tiny_llama(seed=1)
+    inject_lora(model, targets=ALL_LINEAR, r=4, alpha=8, quantize_base=True)
+    load_checkpoint(model, tmp_path, strict=True)
+    for name, w in nf4_weights(model).items():
+        assert_same_nf4(w, to_nf4(stock.get_parameter(name.replace(".linear.weight", ".weight")).detach()))
+    key = "model.layers.0.mlp.up_proj.weight"  # the file's pages were released, never changed
+    assert torch.equal(stock.state_dict()[key], torch.load(tmp_path / "pytorch_model.bin", weights_only=True)[key])
