@@ -22,6 +22,7 @@ from lora_ckpt.io import (
     byte_view,
     load_safetensors,
     read_safetensors_header,
+    release_file_pages,
     save_tensors,
     write_safetensors,
 )
@@ -211,3 +212,34 @@ def test_stacked_view_is_the_stack_without_a_copy():
     assert stacked_view([sq[0], sq[1].T]) is None  # same shape, other strides
     one = stacked_view([A[3]])
     assert one is not None and torch.equal(one, A[3:4])
+
+
+def test_released_pages_keep_in_place_changes(tmp_path):
+    """release_file_pages drops a mapping's unmodified pages only: a page changed in place (a private
+    copy-on-write page) would otherwise revert to the file's bytes."""
+    p = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(1 << 16)}, p)
+    t = load_safetensors(p)["a"]
+    t[5000:6000] += 1
+    release_file_pages([t])
+    assert t.sum().item() == 1000 and torch.equal(t[5000:6000], torch.ones(1000))
+
+
+def test_save_adapter_after_in_place_changes(tmp_path):
+    """An adapter loaded (memory-mapped) and changed in place is written with its changes, also where
+    the layout writes lazy transposed views (mlx) after the source pages were released."""
+    import lora_ckpt
+
+    src, key = tmp_path / "src", "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    src.mkdir()
+    save_file({key.format("A"): torch.randn(8, 64), key.format("B"): torch.zeros(4096, 8)},  # B: 32 pages
+              src / "adapter_model.safetensors", metadata={"format": "pt"})
+    (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                         "target_modules": ["q_proj"]}))
+    ad = lora_ckpt.load_adapter(src)
+    m = ad.modules["model.layers.0.self_attn.q_proj"]
+    m.B.add_(0.5)
+    for layout, name in (("peft", key.format("B")), ("mlx", "model.layers.0.self_attn.q_proj.lora_b")):
+        lora_ckpt.save_adapter(ad, tmp_path / layout, layout=layout)
+        got = load_file(next((tmp_path / layout).glob("*.safetensors")))[name]
+        assert torch.equal(got.T if layout == "mlx" else got, torch.full((4096, 8), 0.5))

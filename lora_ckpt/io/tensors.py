@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import logging
 import mmap
 import os
 import pickle
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["STATE_DICT_KEYS", "load_pickle", "load_safetensors", "load_tensors", "nonfinite", "release_file_pages",
            "save_tensors", "unwrap_state_dict"]
+
+logger = logging.getLogger(__name__)
 
 #: the containers training scripts wrap a state dict in (``{"model": ...}``, ...), looked into up to twice
 STATE_DICT_KEYS = ("model", "state_dict", "module")
@@ -186,8 +189,9 @@ _MADV_DONTNEED = 4
 def release_file_pages(tensors: Iterable[Any]) -> None:
     """Drop this process's resident pages of memory-mapped (file-backed) tensors: they leave the
     process's RSS, stay in the page cache, and are re-read from it if touched again. Tensors in
-    anonymous memory are never touched. Only for tensors that were never written to (a private
-    mapping's modified pages would be lost). Linux only; elsewhere a no-op."""
+    anonymous memory are never touched, nor are pages that were written to (a copy-on-write
+    mapping's modified pages exist only in this process: ``/proc/self/pagemap`` tells them apart,
+    and where it cannot be read nothing is released). Linux only; elsewhere a no-op."""
     if not sys.platform.startswith("linux"):
         return
     spans = []
@@ -201,14 +205,40 @@ def release_file_pages(tensors: Iterable[Any]) -> None:
     starts = [lo for lo, _ in spans]
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    for t in tensors:
-        if t is None or not t.numel():
-            continue
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
-        i = bisect.bisect_right(starts, start) - 1
-        if i < 0 or end > spans[i][1]:
-            continue  # not (entirely) inside one file mapping
-        a, b = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the tensor only
-        if b > a:
-            madvise(a, b - a, _MADV_DONTNEED)
+    try:
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115 - closed below
+    except OSError:
+        logger.debug("/proc/self/pagemap unreadable: memory-mapped pages are not released")
+        return
+    with pagemap:
+        for t in tensors:
+            if t is None or not t.numel():
+                continue
+            start = t.data_ptr()
+            end = start + t.numel() * t.element_size()
+            i = bisect.bisect_right(starts, start) - 1
+            if i < 0 or end > spans[i][1]:
+                continue  # not (entirely) inside one file mapping
+            a, b = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the tensor only
+            for lo, hi in _unmodified_runs(pagemap, a, b):
+                madvise(lo, hi - lo, _MADV_DONTNEED)
+
+
+def _unmodified_runs(pagemap: Any, a: int, b: int) -> list[tuple[int, int]]:
+    """The address ranges in [a, b) without a private (copy-on-write) page: a pagemap entry per page,
+    bit 63 present, 62 swapped, 61 file-backed; present and not file-backed, or swapped, is a
+    modified page (``Documentation/admin-guide/mm/pagemap.rst``)."""
+    if b <= a:
+        return []
+    n = (b - a) // _PAGE
+    raw = os.pread(pagemap.fileno(), n * 8, a // _PAGE * 8)
+    if len(raw) != n * 8:
+        return []
+    entries = memoryview(raw).cast("Q")
+    modified = [k for k, e in enumerate(entries) if (e >> 63 and not e >> 61 & 1) or e >> 62 & 1]
+    runs, lo = [], 0
+    for k in [*modified, n]:
+        if k > lo:
+            runs.append((a + lo * _PAGE, a + k * _PAGE))
+        lo = k + 1
+    return runs
