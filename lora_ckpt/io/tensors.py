@@ -7,28 +7,23 @@ torch and ``safetensors.torch`` are imported inside the functions that need them
 
 from __future__ import annotations
 
-import bisect
-import ctypes
-import logging
 import mmap
 import os
 import pickle
-import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, OutputPathError, UnsafeCheckpointError
 from .header import DTYPES, PathLike, read_safetensors_header
+from .pages import PageBatch
 from .writing import write_safetensors
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["STATE_DICT_KEYS", "load_pickle", "load_safetensors", "load_tensors", "nonfinite", "release_file_pages",
+__all__ = ["STATE_DICT_KEYS", "load_pickle", "load_safetensors", "load_tensors", "nonfinite",
            "save_tensors", "unwrap_state_dict"]
-
-logger = logging.getLogger(__name__)
 
 #: the containers training scripts wrap a state dict in (``{"model": ...}``, ...), looked into up to twice
 STATE_DICT_KEYS = ("model", "state_dict", "module")
@@ -137,7 +132,7 @@ def load_tensors(path: PathLike) -> dict[str, torch.Tensor]:
 
 
 def save_tensors(tensors: Mapping[str, Any], path: Path, *, pickle: bool = False,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, release_pages: bool = True) -> None:
     """Write tensors: safetensors streamed one tensor at a time (:func:`.writing.write_safetensors`,
     byte-identical to ``safetensors.torch.save_file``; views, shared storage and non-contiguous
     tensors are fine and copied only while written), or a torch pickle (``pickle``: each tensor made
@@ -148,12 +143,15 @@ def save_tensors(tensors: Mapping[str, Any], path: Path, *, pickle: bool = False
         path: the output file.
         pickle: write ``torch.save``'s format instead of safetensors.
         metadata: safetensors ``__metadata__``; None writes ``{"format": "pt"}``.
+        release_pages: release the inputs' memory-mapped pages once written (:mod:`.pages`; pages
+            changed in place are kept), so writing from a mapped source does not leave it all resident.
 
     Raises:
         OutputPathError: writing failed (full disk, permissions); nothing was written.
     """
     if not pickle:
-        write_safetensors(tensors, path, metadata=metadata if metadata is not None else {"format": "pt"})
+        write_safetensors(tensors, path, metadata=metadata if metadata is not None else {"format": "pt"},
+                          release_pages=release_pages)
         return
     import torch  # torch-free import of lora_ckpt
 
@@ -165,80 +163,31 @@ def save_tensors(tensors: Mapping[str, Any], path: Path, *, pickle: bool = False
         reason = (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
         raise OutputPathError(f"{path}: writing the output failed ({reason}); free space or choose another "
                               "output; nothing was written", path=path) from e
+    if release_pages:
+        with PageBatch() as batch:
+            for v in tensors.values():
+                for t in v.values() if isinstance(v, Mapping) else (v,):
+                    batch.add(t)
 
 
-def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+def nonfinite(tensors: dict[str, torch.Tensor], *, release_pages: bool = False) -> list[str]:
     """Names of floating-point tensors holding NaN or Inf (one read each: ``aminmax`` propagates
-    NaN and returns the infinities, so both are finite iff every value is)."""
+    NaN and returns the infinities, so both are finite iff every value is).
+
+    Args:
+        tensors: name -> tensor.
+        release_pages: release memory-mapped tensors' pages once scanned (:class:`.pages.PageBatch`),
+            so the scan does not leave the whole file resident.
+    """
     import torch  # torch-free import of lora_ckpt
 
     bad = []
-    for k, t in tensors.items():
-        if t.is_floating_point() and t.numel():
-            lo, hi = torch.aminmax(t.reshape(-1))
-            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-                bad.append(k)
+    with PageBatch() as batch:
+        for k, t in tensors.items():
+            if t.is_floating_point() and t.numel():
+                lo, hi = torch.aminmax(t.reshape(-1))
+                if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                    bad.append(k)
+                if release_pages:
+                    batch.add(t)
     return bad
-
-
-# ----------------------------------------------------------------------- page release
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4
-
-
-def release_file_pages(tensors: Iterable[Any]) -> None:
-    """Drop this process's resident pages of memory-mapped (file-backed) tensors: they leave the
-    process's RSS, stay in the page cache, and are re-read from it if touched again. Tensors in
-    anonymous memory are never touched, nor are pages that were written to (a copy-on-write
-    mapping's modified pages exist only in this process: ``/proc/self/pagemap`` tells them apart,
-    and where it cannot be read nothing is released). Linux only; elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    spans = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 6 and fields[4] != "0":  # inode != 0: backed by a file
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                spans.append((lo, hi))
-    spans.sort()
-    starts = [lo for lo, _ in spans]
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    try:
-        pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115 - closed below
-    except OSError:
-        logger.debug("/proc/self/pagemap unreadable: memory-mapped pages are not released")
-        return
-    with pagemap:
-        for t in tensors:
-            if t is None or not t.numel():
-                continue
-            start = t.data_ptr()
-            end = start + t.numel() * t.element_size()
-            i = bisect.bisect_right(starts, start) - 1
-            if i < 0 or end > spans[i][1]:
-                continue  # not (entirely) inside one file mapping
-            a, b = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the tensor only
-            for lo, hi in _unmodified_runs(pagemap, a, b):
-                madvise(lo, hi - lo, _MADV_DONTNEED)
-
-
-def _unmodified_runs(pagemap: Any, a: int, b: int) -> list[tuple[int, int]]:
-    """The address ranges in [a, b) without a private (copy-on-write) page: a pagemap entry per page,
-    bit 63 present, 62 swapped, 61 file-backed; present and not file-backed, or swapped, is a
-    modified page (``Documentation/admin-guide/mm/pagemap.rst``)."""
-    if b <= a:
-        return []
-    n = (b - a) // _PAGE
-    raw = os.pread(pagemap.fileno(), n * 8, a // _PAGE * 8)
-    if len(raw) != n * 8:
-        return []
-    entries = memoryview(raw).cast("Q")
-    modified = [k for k, e in enumerate(entries) if (e >> 63 and not e >> 61 & 1) or e >> 62 & 1]
-    runs, lo = [], 0
-    for k in [*modified, n]:
-        if k > lo:
-            runs.append((a + lo * _PAGE, a + k * _PAGE))
-        lo = k + 1
-    return runs

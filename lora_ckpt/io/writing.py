@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ConversionError, OutputPathError, StateDictError, UsageError
 from .header import DTYPES, MAX_HEADER_BYTES, PathLike
+from .pages import PageBatch
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +118,7 @@ def safetensors_header(entries: Sequence[tuple[str, str, Sequence[int], int]],
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *,
-                      metadata: Mapping[str, str] | None = None) -> None:
+                      metadata: Mapping[str, str] | None = None, release_pages: bool = False) -> None:
     """Write ``tensors`` to a safetensors file, byte-identical to ``safetensors.torch.save_file``
     (see the module docstring), one tensor at a time straight from its memory.
 
@@ -129,6 +130,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *,
         tensors: name -> dense tensor.
         path: the output file.
         metadata: the ``__metadata__`` strings (None: no entry, as ``save_file``'s default).
+        release_pages: release memory-mapped inputs' pages as they are written (:class:`.pages.PageBatch`).
 
     Raises:
         StateDictError: a value is not a dense tensor with data, or its dtype has no safetensors code.
@@ -159,10 +161,12 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *,
     expected = len(header) + sum(e[3] for e in entries)
     final = Path(path)
     try:
-        with _temporary_sibling(final) as f:
+        with _temporary_sibling(final) as f, PageBatch() as batch:
             f.write(header)
             for name, *_ in entries:
                 _write_tensor(f, tensors[name])
+                if release_pages:
+                    batch.add(tensors[name])
             f.flush()
             if f.tell() != expected:  # a bug here must never produce a plausible file
                 raise ConversionError(f"{final}: wrote {f.tell()} bytes, planned {expected}; nothing was written; "

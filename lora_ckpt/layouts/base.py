@@ -146,7 +146,7 @@ class Layout(LayoutSpec):
             self._rope(adapter, model_cfg, to_hf=True)
             if self.every_layer:
                 drop_zero_modules(adapter)
-            bad = nonfinite(src.tensors) if opts.scan_values else []
+            bad = nonfinite(src.tensors, release_pages=True) if opts.scan_values else []
             if bad:
                 adapter.meta.notes.append(f"{len(bad)} tensor(s) hold NaN/Inf ({quote_list(bad, 3)}); they are kept "
                                           "bit-for-bit, but the adapter computes NaN/Inf where they are used")
@@ -207,8 +207,8 @@ class Layout(LayoutSpec):
                     f"{src.path}: {self.key(name, role)} is {t.dim()}-D {tuple(t.shape)}, expected a 2-D factor; "
                     "stacked (MergedLinear/enable_lora or MoE) factors are not supported by this layout",
                     layout=self.name, path=str(src.path))
-        if self.transposed:
-            A, B = A.T.contiguous(), B.T.contiguous()
+        if self.transposed:  # views (no copy of the adapter); made contiguous where a consumer needs it
+            A, B = A.T, B.T
         return ModuleLoRA(A=A, B=B, scale=1.0, magnitude=parts.get("magnitude"), bias=parts.get("bias"),
                           kind="embedding" if emb else "linear")
 
