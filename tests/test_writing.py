@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +244,15 @@ def test_save_adapter_after_in_place_changes(tmp_path):
         lora_ckpt.save_adapter(ad, tmp_path / layout, layout=layout)
         got = load_file(next((tmp_path / layout).glob("*.safetensors")))[name]
         assert torch.equal(got.T if layout == "mlx" else got, torch.full((4096, 8), 0.5))
+
+
+def test_convert_on_a_full_disk_leaves_nothing(tmp_path):
+    """The callers keep their contract: a conversion whose write fails is an OutputPathError and
+    leaves neither the output nor its temporary sibling."""
+    import lora_ckpt
+
+    fix = Path(__file__).resolve().parent.parent / "fixtures"
+    (tmp_path / "out").mkdir()
+    with _file_size_limit(2000), pytest.raises(OutputPathError, match="writing the output failed"):
+        lora_ckpt.convert(fix / "peft/llama-lora", tmp_path / "out/mlx", to="mlx")
+    assert list((tmp_path / "out").iterdir()) == []
