@@ -34,7 +34,7 @@ exit codes: 0 ok, 1 refused input, 2 usage error, 3 verification found a differe
 
 Handler = Callable[[argparse.Namespace], int]
 # kept in sync with lora_ckpt.layouts.LAYOUTS by tests/test_cli.py (importing it would import torch)
-LAYOUT_NAMES = ["native", "peft", "torchtune", "mistral", "loralib", "llmbook", "mlx", "litgpt"]
+LAYOUT_NAMES = ["native", "peft", "torchtune", "mistral", "loralib", "llmbook", "mlx", "litgpt", "gguf"]
 
 
 def _source(args: argparse.Namespace, value: str, *, layout: str | None = "from") -> str:
@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="adapter directory or file (or hf://...)")
     p.add_argument("--to", required=True, choices=LAYOUT_NAMES, help="target layout")
-    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument("-o", "--output", required=True, help="output directory, or a .gguf file for --to gguf "
+                   "(written atomically)")
     common(p)
     p.add_argument("--dtype", help="cast tensors (default: keep the source dtype)")
     p.add_argument("--force", action="store_true", help="replace an existing output")

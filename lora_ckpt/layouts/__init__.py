@@ -17,6 +17,7 @@ from ..errors import AmbiguousLayoutError, CheckpointNotFoundError, UnknownLayou
 from ..families import ModelConfig, load_model_config
 from ..files import PathLike, atomic_output
 from .base import Layout, ReadOptions, Source, WriteOptions
+from .gguf import GgufLayout
 from .litgpt import LitgptLayout
 from .mistral import MistralLayout
 from .mlx import MlxLayout
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
     NativeLayout(), PeftLayout(), TorchtuneLayout(), MistralLayout(), LoralibLayout(), LlmbookLayout(),
-    MlxLayout(), LitgptLayout())}
+    MlxLayout(), LitgptLayout(), GgufLayout())}
 
 
 class Detection:
@@ -153,7 +154,8 @@ def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: P
                  force: bool = False, allow_lossy: bool = False, dtype: torch.dtype | None = None,
                  inputs: tuple[PathLike, ...] = (),
                  check: Callable[[Path, Adapter], None] | None = None) -> Adapter:
-    """Write ``adapter`` as directory ``out`` in ``layout``, atomically (temp dir, then rename).
+    """Write ``adapter`` as directory ``out`` in ``layout``, atomically (temp dir, then rename); a
+    single-file layout (gguf) writes the file ``out`` when it ends in the layout's suffix.
 
     ``check(tmp_dir, written)`` runs before the final rename (``convert`` verifies there).
     Returns the adapter as written (ranks padded, scales folded, parts dropped as the layout
@@ -165,7 +167,8 @@ def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: P
     """
     lay = get_layout(layout)
     cfg = _model_config(base_config)
-    with atomic_output(out, force=force, inputs=inputs) as tmp:
+    single = lay.single_file is not None and os.fspath(out).endswith(lay.single_file)
+    with atomic_output(out, force=force, inputs=inputs, is_dir=not single) as tmp:
         written = lay.write(adapter, tmp, WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=dtype))
         if check is not None:  # before the rename: a failed check leaves nothing behind
             check(tmp, written)

@@ -118,6 +118,7 @@ class Layout:
     # how a fused module's LoRA is stored (lora_ckpt.fused): one shared A ("plain") or one A per part ("grouped")
     fused_lora: ClassVar[Literal["plain", "grouped"]] = "plain"
     legacy_names: ClassVar[dict[str, str]] = {}  # module template now -> older template accepted on read
+    single_file: ClassVar[str | None] = None  # an output path ending in this suffix is written as one file (gguf)
 
     # ---------------------------------------------------------------- per-layout hooks
     def detect(self, src: Source) -> str | None:
@@ -145,6 +146,10 @@ class Layout:
         return {name: self._module(src, name, parts)}
 
     # ------------------------------------------------------------------- locating
+    def weight_file_in(self, names: list[str]) -> str | None:
+        """This layout's weight file among the file ``names`` of a folder (the Hub picks files with it)."""
+        return next((w for w in self.weight_files if w in names), None)
+
     def locate(self, path: Path) -> Source | None:
         """The source files of this layout at ``path`` (a file or directory), if present."""
         if path.is_file():

@@ -1,0 +1,263 @@
+"""The GGUF container, read and written without torch, numpy or the ``gguf`` package.
+
+Reading is bounded the way :func:`lora_ckpt.files.read_safetensors_header` is: every count,
+string and array length is checked against the bytes left in the file before anything is
+allocated, nesting is capped, every tensor's byte range must lie inside the data section, match
+its shape and type, and overlap no other. A truncated or hostile file is a
+:class:`~lora_ckpt.errors.CheckpointFormatError`, never a crash or a huge allocation.
+
+Writing produces the same bytes as gguf-py's ``GGUFWriter`` (version 3, little-endian, 32-byte
+alignment, tensor data padded to the alignment), streaming one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from ..errors import CheckpointFormatError, CheckpointNotFoundError
+
+__all__ = ["GGUF_MAGIC", "GgufFile", "GgufTensor", "GgufValue", "KV", "TENSOR_TYPES", "read_gguf_header",
+           "write_gguf"]
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 4
+
+# value types (gguf.GGUFValueType)
+UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
+_SCALARS: dict[int, str] = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I", INT32: "<i",
+                            FLOAT32: "<f", BOOL: "<?", UINT64: "<Q", INT64: "<q", FLOAT64: "<d"}
+#: tensor types lora-ckpt reads and writes: ggml type -> (name, bytes per element, torch dtype name)
+TENSOR_TYPES: dict[int, tuple[str, int, str]] = {0: ("F32", 4, "float32"), 1: ("F16", 2, "float16"),
+                                                  30: ("BF16", 2, "bfloat16")}
+#: other ggml types by name, for messages (quantized types: block size and bytes per block)
+_QUANT_TYPES: dict[int, tuple[str, int, int]] = {8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+                                                 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24)}
+
+
+@dataclass(frozen=True)
+class GgufValue:
+    """A typed KV value: ``type`` is the GGUF value type; arrays carry ``sub_type``."""
+
+    value: Any
+    type: int
+    sub_type: int | None = None
+
+
+KV = dict[str, GgufValue]
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor's header entry. ``shape`` is torch/numpy order (ggml ``ne`` reversed)."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    begin: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def dtype(self) -> str:
+        """The torch dtype name (or the ggml type name of a type lora-ckpt does not read)."""
+        t = TENSOR_TYPES.get(self.ggml_type)
+        return t[2] if t else _type_name(self.ggml_type)
+
+
+@dataclass
+class GgufFile:
+    """A parsed, validated GGUF header."""
+
+    path: str
+    version: int
+    kv: KV = field(default_factory=dict)
+    tensors: dict[str, GgufTensor] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self.kv.get(key)
+        return default if v is None else v.value
+
+
+def _type_name(ggml_type: int) -> str:
+    if ggml_type in TENSOR_TYPES:
+        return TENSOR_TYPES[ggml_type][0]
+    return _QUANT_TYPES[ggml_type][0] if ggml_type in _QUANT_TYPES else f"ggml type {ggml_type}"
+
+
+class _Cursor:
+    def __init__(self, f: BinaryIO, size: int, path: str) -> None:
+        self.f, self.size, self.path, self.pos = f, size, path, 0
+
+    def fail(self, what: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{self.path}: {what} at byte {self.pos} of {self.size}; the GGUF file is "
+                                     "truncated or corrupt", path=self.path)
+
+    def take(self, n: int) -> bytes:
+        if n > self.size - self.pos:
+            raise self.fail(f"{n} bytes needed but {self.size - self.pos} left")
+        raw = self.f.read(n)
+        self.pos += len(raw)
+        return raw
+
+    def scalar(self, vtype: int) -> Any:
+        fmt = _SCALARS[vtype]
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.scalar(UINT64)
+        if n > self.size - self.pos:
+            raise self.fail(f"a string of {n} bytes")
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail("a string that is not UTF-8") from e
+
+    def value(self, vtype: int, depth: int = 0) -> GgufValue:
+        if vtype in _SCALARS:
+            return GgufValue(self.scalar(vtype), vtype)
+        if vtype == STRING:
+            return GgufValue(self.string(), STRING)
+        if vtype == ARRAY and depth < MAX_NESTING:
+            sub, n = self.scalar(UINT32), self.scalar(UINT64)
+            smallest = struct.calcsize(_SCALARS[sub]) if sub in _SCALARS else 8 if sub in (STRING, ARRAY) else 0
+            if not smallest or n * smallest > self.size - self.pos:
+                raise self.fail(f"an array of {n} values of type {sub}")
+            if sub in _SCALARS:
+                fmt = _SCALARS[sub]
+                items = list(struct.unpack(f"<{n}{fmt[1]}", self.take(n * struct.calcsize(fmt))))
+            else:
+                items = [self.value(sub, depth + 1).value for _ in range(n)]
+            return GgufValue(items, ARRAY, sub)
+        raise self.fail(f"unknown value type {vtype}" if vtype != ARRAY else "arrays nested too deep")
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a regular file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def read_gguf_header(path: str | os.PathLike[str]) -> GgufFile:
+    """Read and validate a GGUF header (KV and tensor infos) without reading tensor data.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` does not exist.
+        CheckpointFormatError: not a GGUF file, or truncated, corrupt or hostile.
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{path}: no such file", path=path) from e
+    with f:
+        c = _Cursor(f, size, path)
+        if size < 24 or c.take(4) != GGUF_MAGIC:
+            raise CheckpointFormatError(f"{path}: not a GGUF file (no 'GGUF' magic in the first 4 of {size} bytes)",
+                                        path=path)
+        version = c.scalar(UINT32)
+        if version not in (2, 3):
+            raise CheckpointFormatError(f"{path}: GGUF version {version}; expected 2 or 3 (version 1 and big-endian "
+                                        "files are not supported)", path=path)
+        n_tensors, n_kv = c.scalar(UINT64), c.scalar(UINT64)
+        if n_tensors > size // 24 or n_kv > size // 12:  # each entry takes at least that many bytes
+            raise c.fail(f"{n_tensors} tensors and {n_kv} KV entries claimed")
+        out = GgufFile(path, version)
+        for _ in range(n_kv):
+            key = c.string()
+            if key in out.kv:
+                raise c.fail(f"duplicate KV key {key!r}")
+            out.kv[key] = c.value(c.scalar(UINT32))
+        infos = []
+        for _ in range(n_tensors):
+            name, n_dims = c.string(), c.scalar(UINT32)
+            if n_dims > MAX_DIMS:
+                raise c.fail(f"tensor {name!r} with {n_dims} dimensions (at most {MAX_DIMS})")
+            ne = [c.scalar(UINT64) for _ in range(n_dims)]
+            infos.append((name, tuple(reversed(ne)), c.scalar(UINT32), c.scalar(UINT64)))
+        align = out.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise c.fail(f"general.alignment {align!r} (expected a power of two)")
+        data_start = -(-c.pos // align) * align
+    for name, shape, ggml_type, offset in infos:
+        if name in out.tensors:
+            raise CheckpointFormatError(f"{path}: tensor {name!r} appears twice; the file is corrupt", path=path)
+        out.tensors[name] = _tensor(path, name, shape, ggml_type, data_start + offset, size)
+    spans = sorted((t.begin, t.begin + t.nbytes, t.name) for t in out.tensors.values() if t.nbytes)
+    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointFormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section; the file is "
+                                        "corrupt or hostile", path=path)
+    return out
+
+
+def _tensor(path: str, name: str, shape: tuple[int, ...], ggml_type: int, begin: int, size: int) -> GgufTensor:
+    numel = math.prod(shape)
+    if ggml_type in TENSOR_TYPES:
+        nbytes = numel * TENSOR_TYPES[ggml_type][1]
+    elif ggml_type in _QUANT_TYPES:
+        _, block, block_bytes = _QUANT_TYPES[ggml_type]
+        nbytes = -(-numel // block) * block_bytes
+    else:
+        raise CheckpointFormatError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}", path=path)
+    if begin + nbytes > size:
+        raise CheckpointFormatError(
+            f"{path}: tensor {name!r} ({_type_name(ggml_type)}, shape {shape}) ends at byte {begin + nbytes} but the "
+            f"file has {size} bytes; the file is truncated", path=path)
+    return GgufTensor(name, shape, ggml_type, begin, nbytes)
+
+
+# ------------------------------------------------------------------------------ writing
+def _pack_value(v: GgufValue) -> bytes:
+    if v.type in _SCALARS:
+        return struct.pack(_SCALARS[v.type], v.value)
+    if v.type == STRING:
+        raw = str(v.value).encode("utf-8")
+        return struct.pack("<Q", len(raw)) + raw
+    if v.type == ARRAY and v.sub_type is not None:
+        body = b"".join(_pack_value(GgufValue(x, v.sub_type)) for x in v.value)
+        return struct.pack("<IQ", v.sub_type, len(v.value)) + body
+    raise ValueError(f"cannot write GGUF value type {v.type}")
+
+
+def header_bytes(kv: KV, tensors: Iterable[tuple[str, tuple[int, ...], int, int]]) -> tuple[bytes, list[int]]:
+    """The header (padded to the alignment) for ``tensors`` = (name, shape, ggml type, nbytes),
+    and each tensor's offset in the data section, as ``GGUFWriter`` lays them out."""
+    tensors = list(tensors)
+    parts = [GGUF_MAGIC, struct.pack("<IQQ", 3, len(tensors), len(kv))]
+    for key, v in kv.items():
+        parts += [_pack_value(GgufValue(key, STRING)), struct.pack("<I", v.type), _pack_value(v)]
+    offsets, at = [], 0
+    for name, shape, ggml_type, nbytes in tensors:
+        parts += [_pack_value(GgufValue(name, STRING)), struct.pack("<I", len(shape)),
+                  struct.pack(f"<{len(shape)}Q", *reversed(shape)), struct.pack("<IQ", ggml_type, at)]
+        offsets.append(at)
+        at += -(-nbytes // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
+    head = b"".join(parts)
+    return head + b"\x00" * (-len(head) % DEFAULT_ALIGNMENT), offsets
+
+
+def write_gguf(path: str | os.PathLike[str], kv: KV,
+               tensors: list[tuple[str, tuple[int, ...], int, int, Callable[[], bytes | memoryview]]]) -> int:
+    """Write a GGUF file: ``tensors`` = (name, shape, ggml type, nbytes, data()) where ``data()``
+    returns the raw little-endian bytes, called once, in order (so only one tensor is in memory).
+    Returns the file size."""
+    head, _ = header_bytes(kv, [(n, s, t, b) for n, s, t, b, _ in tensors])
+    with open(path, "wb") as f:
+        f.write(head)
+        for name, _, _, nbytes, data in tensors:
+            raw = data()
+            if len(raw) != nbytes:
+                raise ValueError(f"tensor {name!r}: {len(raw)} bytes, expected {nbytes}")
+            f.write(raw)
+            f.write(b"\x00" * (-nbytes % DEFAULT_ALIGNMENT))
+        return f.tell()

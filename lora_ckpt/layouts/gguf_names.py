@@ -1,0 +1,113 @@
+"""llama.cpp's GGUF tensor names for LoRA modules, per base architecture.
+
+The HF module templates of a family come from the families table (:mod:`lora_ckpt.families`:
+the HF side of its name maps, its fused entries and its stacked MoE experts; a generic decoder
+list for families without maps); their GGUF names come from gguf-py's own ``TensorNameMap`` for
+the architecture llama.cpp uses, so the names are llama.cpp's, never re-typed here. What the
+reference converter (``convert_lora_to_gguf.py`` with ``conversion/``) does beyond naming is
+data here too: which architectures get the Llama q/k row permutation, and in which order the
+stacked expert tensors of a layer are written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..errors import LayoutError, UnsupportedAdapterError
+from ..families import FAMILIES, NameMap
+
+__all__ = ["ARCHES", "GgufNames", "gguf_names", "family_for_arch"]
+
+#: lora-ckpt family -> llama.cpp architecture (``general.architecture``), as conversion/ registers
+#: the HF classes: Mistral and Mixtral convert as ``llama`` (conversion/llama.py LlamaModel)
+ARCHES: dict[str, str] = {
+    "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+    "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
+    "phi3": "phi3",
+}
+#: the family read for a GGUF without a base config (per architecture; ``llama`` with experts reads as mixtral)
+_DEFAULT_FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe",
+                   "qwen3moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3"}
+#: architectures whose q/k rows the converter permutes to Meta order (LlamaModel.undo_permute)
+PERMUTED = frozenset({"llama"})
+#: the order the converter writes one layer's stacked experts (conversion/llama.py, conversion/qwen.py)
+_EXPERT_ORDER = {"mixtral": ("w1", "w2", "w3"), "qwen2_moe": ("down_proj", "gate_proj", "up_proj"),
+                 "qwen3_moe": ("down_proj", "gate_proj", "up_proj")}
+# HF module templates of a Llama-style *ForCausalLM, for families whose table has no name map
+_DECODER = ("model.embed_tokens", "lm_head", *(f"model.layers.{{}}.self_attn.{p}_proj" for p in "qkvo"),
+            *(f"model.layers.{{}}.mlp.{p}_proj" for p in ("gate", "up", "down")), "model.layers.{}.mlp.gate",
+            *(f"model.layers.{{}}.mlp.shared_expert.{p}_proj" for p in ("gate", "up", "down")),
+            "model.layers.{}.mlp.shared_expert_gate")
+_EXPERT = re.compile(r"\.experts\.\{\}\.")
+
+
+@dataclass(frozen=True)
+class GgufNames:
+    """One family's GGUF names: ``modules`` maps HF module templates to GGUF base tensor names
+    (``model.layers.{}.self_attn.q_proj`` -> ``blk.{}.attn_q.weight``); ``experts`` maps a
+    per-expert HF template to its stacked GGUF tensor (``blk.{}.ffn_gate_exps.weight``)."""
+
+    family: str
+    arch: str
+    modules: NameMap
+    experts: NameMap
+    expert_order: tuple[str, ...]
+
+    @property
+    def permuted(self) -> bool:
+        return self.arch in PERMUTED
+
+
+def _templates(family: str) -> list[str]:
+    fam = FAMILIES[family]
+    out: list[str] = [k[: -len(".weight")] for table in fam.maps.values() for k in table if k.endswith(".weight")]
+    out += [t for entries in fam.fused.values() for fe in entries if fe.fused_in_hf for t in fe.hf]
+    if not fam.maps:
+        out += _DECODER
+    return [t for t in dict.fromkeys(out) if "norm" not in t.rsplit(".", 1)[-1]]  # norms are never LoRA targets
+
+
+@lru_cache(maxsize=None)
+def gguf_names(family: str) -> GgufNames:
+    """The GGUF names of ``family`` (a key of :data:`lora_ckpt.families.FAMILIES`).
+
+    Raises:
+        UnsupportedAdapterError: lora-ckpt does not know llama.cpp's architecture for the family.
+        LayoutError: the ``gguf`` package (``pip install 'lora-ckpt[gguf]'``) is missing.
+    """
+    if family not in ARCHES:
+        raise UnsupportedAdapterError(
+            f"lora-ckpt does not know llama.cpp's GGUF architecture for model family {family!r}; expected one of "
+            f"{', '.join(sorted(ARCHES))}; merge the adapter instead", layout="gguf")
+    try:
+        import gguf
+    except ImportError as e:
+        raise LayoutError("the gguf layout needs llama.cpp's gguf package; pip install 'lora-ckpt[gguf]'",
+                          layout="gguf") from e
+    arch_name = ARCHES[family]
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    tmap = gguf.TensorNameMap(arch, 1)
+
+    def name(template: str) -> str | None:
+        got = tmap.get_name(template.replace("{}", "0"))
+        return got.replace("blk.0.", "blk.{}.") + ".weight" if got else None
+
+    modules = {t: n for t in _templates(family) if not _EXPERT.search(t) and (n := name(t))}
+    experts = {t: n for t in FAMILIES[family].stacked_experts.values() if (n := name(_EXPERT.sub(".experts.", t)))}
+    order = tuple(w for w in _EXPERT_ORDER.get(family, ()) if any(t.endswith("." + w) for t in experts))
+    return GgufNames(family, arch_name, NameMap(modules), NameMap(experts), order)
+
+
+def family_for_arch(arch: str, *, experts: bool = False) -> str:
+    """The family to read a GGUF of architecture ``arch`` as, without a base config.
+
+    Raises:
+        UnsupportedAdapterError: an architecture lora-ckpt cannot name.
+    """
+    if arch not in _DEFAULT_FAMILY:
+        raise UnsupportedAdapterError(
+            f"GGUF architecture {arch!r} is not one lora-ckpt can name; expected one of "
+            f"{', '.join(sorted(_DEFAULT_FAMILY))}", layout="gguf")
+    return "mixtral" if arch == "llama" and experts else _DEFAULT_FAMILY[arch]
