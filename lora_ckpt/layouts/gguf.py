@@ -294,13 +294,11 @@ def _modules(src: Source, names: GgufNames, tname: str, a: Any, b: Any) -> dict[
     """The canonical module(s) of one lora_a/lora_b pair (a stacked expert tensor holds many)."""
     hf = names.modules.to_hf(tname)
     if a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0]:
-        tmpl = names.experts.to_hf(tname)
-        if tmpl is None:
+        mods = names.expert_modules(tname, a.shape[0])
+        if mods is None:
             raise UnsupportedAdapterError(f"{src.weights}: stacked tensor {tname!r} is no {names.arch} expert tensor "
                                           "lora-ckpt can name", layout="gguf", path=str(src.weights))
-        layer = _BLK.match(tname)[1]  # type: ignore[index]
-        return {tmpl.replace("{}", layer, 1).replace("{}", str(e)): ModuleLoRA(A=a[e], B=b[e], scale=1.0)
-                for e in range(a.shape[0])}
+        return {name: ModuleLoRA(A=a[e], B=b[e], scale=1.0) for e, name in enumerate(mods)}
     if hf is None:
         raise UnsupportedAdapterError(
             f"{src.weights}: tensor {tname!r} names no {names.family} module lora-ckpt knows (expected names like "
@@ -361,13 +359,11 @@ def _tensors(adapter: Adapter, names: GgufNames, cfg: ModelConfig | None) -> Ten
     projection order)."""
     import torch
 
-    experts: dict[str, dict[int, tuple[str, str]]] = {}  # gguf tensor -> expert -> (module, template)
-    regexes = [(re.compile(re.escape(t).replace(r"\{\}", r"(\d+)") + "$"), t) for t in names.experts.table]
+    experts: dict[str, dict[int, str]] = {}  # stacked gguf tensor -> expert index -> module
     for n in adapter.modules:
-        for rx, t in regexes:
-            if (m := rx.match(n)):
-                experts.setdefault(names.experts.to_other(n), {})[int(m[2])] = (n, t)  # type: ignore[arg-type]
-    layer_of = {mod: _BLK.match(g)[1] for g, d in experts.items() for mod, _ in d.values()}  # type: ignore[index]
+        if (hit := names.expert(n)) is not None:
+            experts.setdefault(hit[0], {})[hit[1]] = n
+    layer_of = {mod: _BLK.match(g)[1] for g, d in experts.items() for mod in d.values()}  # type: ignore[index]
     order = _peft_order(list(adapter.modules), adapter)
     last = {layer_of[n]: n for n in order if n in layer_of}
     out: Tensors = []
@@ -391,20 +387,19 @@ def _tensors(adapter: Adapter, names: GgufNames, cfg: ModelConfig | None) -> Ten
     return out
 
 
-def _stacked(adapter: Adapter, names: GgufNames, experts: dict[str, dict[int, tuple[str, str]]], layer: str,
+def _stacked(adapter: Adapter, names: GgufNames, experts: dict[str, dict[int, str]], layer: str,
              cfg: ModelConfig | None, torch: Any) -> Tensors:
     out: Tensors = []
-    groups = {g: d for g, d in experts.items() if _BLK.match(g)[1] == layer}  # type: ignore[index]
     for w in names.expert_order:
-        for g, d in groups.items():
-            if not next(iter(d.values()))[1].endswith("." + w):
+        for g, d in experts.items():
+            if _BLK.match(g)[1] != layer or not next(iter(d.values())).endswith("." + w):  # type: ignore[index]
                 continue
             n_exp = cfg.n_experts if cfg and cfg.n_experts else max(d) + 1
             if sorted(d) != list(range(n_exp)):
                 raise UnsupportedAdapterError(
                     f"{g}: LoRA on experts {sorted(d)} of {n_exp}; llama.cpp stacks every expert of a layer into one "
                     "tensor pair (the converter needs all of them); merge the adapter instead", layout="gguf")
-            mods = [adapter.modules[d[e][0]] for e in range(n_exp)]
+            mods = [adapter.modules[d[e]] for e in range(n_exp)]
             r = max(m.rank for m in mods)
             mods = [m.padded(r) for m in mods]  # one rank per stacked tensor: zero padding is exact
             out += [_entry(f"{g}.lora_a", torch.stack([m.A for m in mods])),
@@ -435,7 +430,12 @@ def _kv(adapter: Adapter, names: GgufNames, tensors: Tensors, *, alpha: float,
     alpha, alora_invocation_tokens, general.quantization_version."""
     import gguf
 
-    w = gguf.GGUFWriter(None, names.arch)
+    quiet = logging.getLogger("gguf.gguf_writer")
+    level, quiet.level = quiet.level, logging.WARNING  # its "for Little Endian only" note on every writer
+    try:
+        w = gguf.GGUFWriter(None, names.arch)
+    finally:
+        quiet.setLevel(level)
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     cfg = adapter.meta.config or {}

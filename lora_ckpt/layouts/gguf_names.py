@@ -47,17 +47,33 @@ _EXPERT = re.compile(r"\.experts\.\{\}\.")
 class GgufNames:
     """One family's GGUF names: ``modules`` maps HF module templates to GGUF base tensor names
     (``model.layers.{}.self_attn.q_proj`` -> ``blk.{}.attn_q.weight``); ``experts`` maps a
-    per-expert HF template to its stacked GGUF tensor (``blk.{}.ffn_gate_exps.weight``)."""
+    per-expert HF template (layer, expert) to its stacked GGUF tensor (``blk.{}.ffn_gate_exps.weight``)."""
 
     family: str
     arch: str
     modules: NameMap
-    experts: NameMap
+    experts: dict[str, str]
     expert_order: tuple[str, ...]
 
     @property
     def permuted(self) -> bool:
         return self.arch in PERMUTED
+
+    def expert(self, hf_module: str) -> tuple[str, int] | None:
+        """(stacked GGUF tensor, expert index) of a per-expert HF module, else None."""
+        for hf, g in self.experts.items():
+            m = re.fullmatch(re.escape(hf).replace(r"\{\}", r"(\d+)"), hf_module)
+            if m:
+                return g.format(m[1]), int(m[2])
+        return None
+
+    def expert_modules(self, tensor: str, n: int) -> list[str] | None:
+        """The per-expert HF modules 0..n-1 a stacked GGUF tensor holds, else None."""
+        for hf, g in self.experts.items():
+            m = re.fullmatch(re.escape(g).replace(r"\{\}", r"(\d+)"), tensor)
+            if m:
+                return [hf.replace("{}", m[1], 1).replace("{}", str(e)) for e in range(n)]
+        return None
 
 
 def _templates(family: str) -> list[str]:
@@ -97,7 +113,7 @@ def gguf_names(family: str) -> GgufNames:
     modules = {t: n for t in _templates(family) if not _EXPERT.search(t) and (n := name(t))}
     experts = {t: n for t in FAMILIES[family].stacked_experts.values() if (n := name(_EXPERT.sub(".experts.", t)))}
     order = tuple(w for w in _EXPERT_ORDER.get(family, ()) if any(t.endswith("." + w) for t in experts))
-    return GgufNames(family, arch_name, NameMap(modules), NameMap(experts), order)
+    return GgufNames(family, arch_name, NameMap(modules), experts, order)
 
 
 def family_for_arch(arch: str, *, experts: bool = False) -> str:
