@@ -9,7 +9,13 @@ import os
 from typing import Any
 
 from .errors import CheckpointNotFoundError
-from .files import DTYPES, PathLike, SafetensorsHeader, load_pickle, read_safetensors_header
+from .files import (
+    DTYPES,
+    PathLike,
+    SafetensorsHeader,
+    load_pickle,
+    read_safetensors_header,
+)
 
 __all__ = ["TensorMeta", "nonfinite_tensors", "tensor_index"]
 
@@ -30,7 +36,7 @@ class TensorMeta:
         return math.prod(self.shape)
 
     @property
-    def T(self) -> TensorMeta:  # noqa: N802 - mirrors torch.Tensor.T
+    def T(self) -> TensorMeta:
         return TensorMeta(self.shape[::-1], self.dtype)
 
     def contiguous(self) -> TensorMeta:

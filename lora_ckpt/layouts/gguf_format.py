@@ -21,8 +21,16 @@ from typing import Any, BinaryIO
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
 
-__all__ = ["GGUF_MAGIC", "GgufFile", "GgufTensor", "GgufValue", "KV", "TENSOR_TYPES", "read_gguf_header",
-           "write_gguf"]
+__all__ = [
+    "GGUF_MAGIC",
+    "KV",
+    "TENSOR_TYPES",
+    "GgufFile",
+    "GgufTensor",
+    "GgufValue",
+    "read_gguf_header",
+    "write_gguf",
+]
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from ..errors import LayoutError, UnsupportedAdapterError
 from ..families import FAMILIES, NameMap
 
-__all__ = ["ARCHES", "GgufNames", "gguf_names", "family_for_arch"]
+__all__ = ["ARCHES", "GgufNames", "family_for_arch", "gguf_names"]
 
 #: lora-ckpt family -> llama.cpp architecture (``general.architecture``), as conversion/ registers
 #: the HF classes: Mistral and Mixtral convert as ``llama`` (conversion/llama.py LlamaModel)
@@ -85,7 +85,7 @@ def _templates(family: str) -> list[str]:
     return [t for t in dict.fromkeys(out) if "norm" not in t.rsplit(".", 1)[-1]]  # norms are never LoRA targets
 
 
-@lru_cache(maxsize=None)
+@cache
 def gguf_names(family: str) -> GgufNames:
     """The GGUF names of ``family`` (a key of :data:`lora_ckpt.families.FAMILIES`).
 
