@@ -5,8 +5,9 @@ Pure functions over the canonical :class:`~lora_ckpt.adapter.Adapter` and the so
 §14): refused files, and — worse — files that load and silently compute something else.
 
 Targets and the layout each reads: ``peft``, ``vllm`` and ``llama.cpp`` read PEFT directories
-(llama.cpp through ``convert_lora_to_gguf.py``), ``torchtune`` its epoch directory, ``mlx``
-mlx-lm's adapter directory.
+(llama.cpp through ``convert_lora_to_gguf.py``, or a ``.gguf`` adapter directly; its rules are
+:func:`lora_ckpt.layouts.gguf.llamacpp_rules`, shared with ``convert --to gguf``), ``torchtune``
+its epoch directory, ``mlx`` mlx-lm's adapter directory.
 
 Example:
     >>> report = check_source("adapter/", target="vllm")
@@ -118,6 +119,9 @@ def check_adapter(adapter: Adapter, *, target: str, source: str = "SRC",
     report = CheckReport(source=source, source_layout=src_layout, target=target)
     add = report.findings.append
     needs = TARGETS[target]
+    if target == "llama.cpp" and src_layout == "gguf":  # llama.cpp reads its own format directly
+        _gguf(adapter, add, source)
+        return report
     if src_layout != needs:
         add(Finding("error", f"{target} reads {needs} adapters; this one is {src_layout}",
                     f"lora-ckpt convert {source} --to {needs} -o OUT (exact, verified); the other findings apply to "
@@ -248,16 +252,25 @@ def _vllm(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Co
 
 
 def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:
-    if adapter.uses_dora or _has(keys, ".lora_magnitude_vector"):
-        add(Finding("error", "DoRA: convert_lora_to_gguf.py aborts on lora_magnitude_vector",
+    """convert_lora_to_gguf.py on a PEFT directory, judged by the rule set ``convert --to gguf`` uses."""
+    from .layouts.gguf import llamacpp_rules
+
+    rules = llamacpp_rules(adapter)
+    gguf = f"lora-ckpt convert {source} --to gguf -o OUT.gguf"
+    if "DoRA magnitudes" in rules.refused or _has(keys, ".lora_magnitude_vector"):
+        add(Finding("error", "DoRA: llama.cpp has no DoRA (convert_lora_to_gguf.py aborts on lora_magnitude_vector)",
                     f"merge it instead: lora-ckpt merge BASE {source} -o MERGED"))
-    full = [k for k in adapter.extra if ".base_layer." not in k]
+    full = rules.refused.get("full tensors (modules_to_save)")
     if full:
-        add(Finding("error", f"full tensors {quote_list(full, 3)}: convert_lora_to_gguf.py aborts ('Not a lora_A "
-                    "or lora_B tensor')", f"lora-ckpt convert {source} --to peft --allow-lossy -o OUT (the same "
+        add(Finding("error", f"full tensors {quote_list(full, 3)}: llama.cpp LoRA holds none (convert_lora_to_gguf.py "
+                    "aborts: 'Not a lora_A or lora_B tensor')", f"{gguf} --allow-lossy drops them (the same "
                     "function only if they equal the base weights)"))
-    if adapter.uses_bias or _has(keys, ".lora_B.bias"):
-        add(Finding("error", "lora_B.bias: convert_lora_to_gguf.py aborts on it", "merge the adapter instead"))
+    if "LoRA biases (lora_B.bias)" in rules.refused or _has(keys, ".lora_B.bias"):
+        add(Finding("error", "lora_B.bias: llama.cpp LoRA has no bias (convert_lora_to_gguf.py aborts on it)",
+                    "merge the adapter instead"))
+    if "fan_in_fan_out (Conv1D) modules" in rules.refused:
+        add(Finding("error", "fan_in_fan_out (Conv1D) modules: lora-ckpt cannot name them for llama.cpp",
+                    "merge the adapter instead"))
     alpha = cfg.get("lora_alpha")
     if isinstance(alpha, (int, float)):
         ranks = adapter.ranks()
@@ -268,12 +281,26 @@ def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys
         else:
             fix = (f"fold the per-module scales into lora_B under one rank and alpha: lora-ckpt convert {source} --to "
                    "loralib -o TMP && lora-ckpt convert TMP --to peft -o OUT (exact up to float32 rounding, verified)")
+        fix += f"; or write the GGUF directly: {gguf} (folds them into lora_b, verified)"
         bad = [n for n, m in adapter.modules.items() if not _close(alpha / m.rank, m.scale)]
         if bad:
             add(Finding("error", f"llama.cpp scales every tensor by lora_alpha/rank and ignores use_rslora and "
                         f"alpha_pattern: {len(bad)} module(s) would get another scale ({quote_list(bad, 3)})", fix))
     if not cfg.get("base_model_name_or_path"):
         add(Finding("warning", "no base_model_name_or_path: pass --base BASE_DIR to convert_lora_to_gguf.py"))
+
+
+def _gguf(adapter: Adapter, add: Any, source: str) -> None:
+    """A GGUF adapter, checked with the rule set its writer applies (what llama.cpp's loader computes)."""
+    from .layouts.gguf import llamacpp_rules
+
+    rules = llamacpp_rules(adapter)
+    if rules.folded:
+        add(Finding("error", f"{len(rules.folded)} module(s) have a scale other than adapter.lora.alpha/rank "
+                    f"({quote_list(rules.folded, 3)})", f"lora-ckpt convert {source} --to gguf -o OUT.gguf"))
+    for note in adapter.meta.notes:
+        if "FLOAT32" in note:
+            add(Finding("error", note, f"lora-ckpt convert {source} --to gguf -o OUT.gguf"))
 
 
 def _scales(adapter: Adapter, scale_of: Any, add: Any, why: str, source: str) -> None:

@@ -211,8 +211,8 @@ class GgufLayout(Layout):
             raise LayoutError(f"{src.weights}: no lora_a/lora_b tensors; the adapter is empty", layout=self.name,
                               path=str(src.weights))
         cfg, base = _model_config(src, h, opts)
-        family = cfg.family.name if cfg and cfg.family else family_for_arch(
-            arch, experts=any(t.dim() == 3 for p in pairs.values() for t in p.values()))
+        family = family_for_arch(arch, experts=any(t.dim() == 3 for p in pairs.values() for t in p.values()))
+        family = cfg.family.name if cfg and cfg.family else family
         names = gguf_names(family)
         if names.arch != arch:
             raise ConfigError(f"{src.weights}: architecture {arch!r} but the base config is {family!r} "
@@ -253,7 +253,9 @@ class GgufLayout(Layout):
             raise ConfigError(f"--dtype {dtype}: GGUF adapters are written as float32, float16 or bfloat16")
         import torch
 
-        adapter = adapter.cast(dtype or torch.float32)  # convert_lora_to_gguf.py's default --outtype f32
+        if dtype is None and adapter.meta.source_layout != self.name:  # a GGUF source keeps its types
+            dtype = torch.float32  # convert_lora_to_gguf.py's default --outtype f32
+        adapter = adapter.cast(dtype)
         alpha = _f32(rules.alpha)
         if rules.folded:
             logger.info("llama.cpp scales by alpha/rank (alpha %g): %d module(s) with another scale (rsLoRA, "
@@ -303,7 +305,7 @@ def _modules(src: Source, names: GgufNames, tname: str, a: Any, b: Any) -> dict[
         if mods is None:
             raise UnsupportedAdapterError(f"{src.weights}: stacked tensor {tname!r} is no {names.arch} expert tensor "
                                           "lora-ckpt can name", layout="gguf", path=str(src.weights))
-        return {name: ModuleLoRA(A=a[e], B=b[e], scale=1.0) for e, name in enumerate(mods)}
+        return {name: ModuleLoRA(A=_expert(a, e), B=_expert(b, e), scale=1.0) for e, name in enumerate(mods)}
     if hf is None:
         raise UnsupportedAdapterError(
             f"{src.weights}: tensor {tname!r} names no {names.family} module lora-ckpt knows (expected names like "
@@ -314,6 +316,11 @@ def _modules(src: Source, names: GgufNames, tname: str, a: Any, b: Any) -> dict[
     if tname == "token_embd.weight":  # llama.cpp's llm_build_inp_embd takes lora_a transposed
         return {hf: ModuleLoRA(A=a.T, B=b, scale=1.0, kind="embedding")}
     return {hf: ModuleLoRA(A=a, B=b, scale=1.0)}
+
+
+def _expert(t: Any, e: int) -> Any:
+    """Expert ``e`` of a stacked tensor (a view), or of its shape when only shapes are read."""
+    return TensorMeta(t.shape[1:], t.dtype) if isinstance(t, TensorMeta) else t[e]
 
 
 def _permute(adapter: Adapter, cfg: ModelConfig | None, *, to_hf: bool) -> None:
