@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 from .adapter import Adapter, alpha_for
 from .errors import ConversionError, LoraCkptError, quote_list
-from .files import PathLike
+from .hub.client import fetch_model_config
+from .io import PathLike
 from .keys import matches_target
 
 __all__ = ["TARGETS", "CheckReport", "Finding", "check_adapter", "check_source"]
@@ -94,7 +95,7 @@ def check_source(source: PathLike, *, target: str, layout: str | None = None, ba
     from .layouts import detect_layout
 
     _target(target)
-    adapter = load_adapter(source, layout=layout, base_config=base_config, alpha=alpha)
+    adapter = load_adapter(source, layout=layout, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config)
     root = Path(source) if Path(source).is_dir() else Path(source).parent
     export = root / "adapter_model.safetensors"
     if adapter.meta.source_layout == "torchtune" and TARGETS[target] == "peft" and export.is_file():
@@ -393,7 +394,7 @@ def _torchtune_export(adapter: Adapter, export: Path, *, target: str, source: st
 
     from .layouts import detect_layout
 
-    theirs = load_adapter(export, layout="peft", base_config=adapter.meta.model_config)
+    theirs = load_adapter(export, layout="peft", base_config=adapter.meta.model_config, resolve_base_config=fetch_model_config)
     keys = detect_layout(export, layout="peft").source.keys()
     report = check_adapter(theirs, target=target, source=str(export), file_keys=keys)
     report.source, report.source_layout = source, "torchtune"

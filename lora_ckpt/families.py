@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError, ConversionError, MissingConfigError
-from .files import PathLike, read_json
+from .io import PathLike, read_json
 
 __all__ = ["FAMILIES", "Family", "Fused", "ModelConfig", "NameMap", "Scheme", "family_for_model_type",
            "is_embedding", "load_model_config"]

@@ -10,8 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import quote_list
-from .files import DTYPES, PathLike, checkpoint_files, read_safetensors_header
-from .index import VALUE_SCAN_LIMIT, nonfinite_tensors
+from .hub.client import fetch_model_config
+from .io import (
+    DTYPES,
+    VALUE_SCAN_LIMIT,
+    PathLike,
+    checkpoint_files,
+    load_pickle,
+    nonfinite_tensors,
+    read_safetensors_header,
+)
 from .keys import split_key
 
 __all__ = ["AdapterReport", "CheckpointReport", "format_report", "inspect_checkpoint", "inspect_source"]
@@ -71,8 +79,6 @@ def inspect_checkpoint(source: PathLike) -> CheckpointReport:
             metadata.update(header.metadata)
             entries += [(t.name, t.dtype, list(t.shape), t.nbytes) for t in header.tensors.values()]
         else:
-            from .files import load_pickle
-
             for name, t in load_pickle(path).items():
                 entries.append((name, str(t.dtype).removeprefix("torch."), list(t.shape),
                                 t.numel() * t.element_size()))
@@ -186,11 +192,11 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
     cfg = load_model_config(base_config) if base_config else None
     warnings: list[str] = []
     try:
-        adapter = read_detected(det, base_config=cfg, alpha=alpha, use_hub=False)
+        adapter = read_detected(det, base_config=cfg, alpha=alpha)
     except MissingConfigError as e:  # e.g. loralib without --alpha: report shapes, say what is missing
         if det.layout.name not in ("loralib", "torchtune", "peft"):
             raise
-        adapter = read_detected(det, base_config=cfg, alpha=1.0, use_hub=False)
+        adapter = read_detected(det, base_config=cfg, alpha=1.0)
         warnings.append(f"scale unknown ({e}); scales below assume alpha=1")
     warnings += adapter.meta.notes
     warnings += _prefix_warnings(adapter)
@@ -244,8 +250,9 @@ def _torchtune_export_check(root: Path, cfg: Any) -> list[str]:
     from .layouts import load_adapter
 
     try:
-        ours = load_adapter(root, layout="torchtune", base_config=cfg)
-        theirs = load_adapter(root / "adapter_model.safetensors", layout="peft", alpha=None)
+        ours = load_adapter(root, layout="torchtune", base_config=cfg, resolve_base_config=fetch_model_config)
+        theirs = load_adapter(root / "adapter_model.safetensors", layout="peft", alpha=None,
+                              resolve_base_config=fetch_model_config)
     except LoraCkptError as e:
         return [f"could not check adapter_model.safetensors against adapter_model.pt: {e}"]
     rep = compare_adapters(ours, theirs)

@@ -21,7 +21,7 @@ from lora_ckpt.cli import main
 from lora_ckpt.conversion import compare_adapters, convert, verify
 from lora_ckpt.layouts import detect_layout, load_adapter
 from lora_ckpt.layouts.gguf import llamacpp_rules
-from lora_ckpt.layouts.gguf_format import FLOAT64, GgufValue, read_gguf_header, write_gguf
+from lora_ckpt.io.gguf import FLOAT64, GgufValue, read_gguf_header, write_gguf
 from lora_ckpt.rope import rotate_half_to_interleaved
 
 gguf = pytest.importorskip("gguf")

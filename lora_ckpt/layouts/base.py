@@ -20,13 +20,11 @@ from ..errors import (
     LayoutError,
     LossyConversionError,
     MissingConfigError,
-    OutputPathError,
     UnsupportedAdapterError,
     quote_list,
 )
 from ..families import FAMILIES, Family, Fused, ModelConfig, NameMap, Scheme, is_embedding, model_config_from_dict
-from ..files import load_tensors, read_json
-from ..index import TensorMeta, tensor_index
+from ..io import TensorMeta, load_tensors, nonfinite, read_json, save_tensors, tensor_index
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 
 if TYPE_CHECKING:
@@ -523,38 +521,6 @@ def drop_zero_modules(adapter: Adapter) -> None:
         for n in zero:
             del adapter.modules[n]
         adapter.meta.notes.append(f"{len(zero)} all-zero module(s) read as absent (placement fillers; a no-op)")
-
-
-def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors holding NaN or Inf (one read each: ``aminmax`` propagates
-    NaN and returns the infinities, so both are finite iff every value is)."""
-    import torch
-
-    bad = []
-    for k, t in tensors.items():
-        if t.is_floating_point() and t.numel():
-            lo, hi = torch.aminmax(t.reshape(-1))
-            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-                bad.append(k)
-    return bad
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, pickle: bool = False,
-                 metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (safetensors, or a torch pickle); a failed write is an :class:`OutputPathError`."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        if pickle:
-            torch.save(tensors, path)
-        else:
-            save_file(tensors, path, metadata=metadata if metadata is not None else {"format": "pt"})
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch reports a full disk as RuntimeError
-        reason = (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
-        raise OutputPathError(f"{path}: writing the output failed ({reason}); free space or choose another "
-                              "output; nothing was written", path=path) from e
 
 
 def _drop(adapter: Adapter, features: frozenset[str]) -> Adapter:

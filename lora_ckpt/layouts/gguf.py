@@ -34,10 +34,7 @@ from ..errors import (
     quote_list,
 )
 from ..families import FAMILIES, ModelConfig, load_model_config
-from ..index import TensorMeta
-from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
-from .base import Layout, ReadOptions, Source, WriteOptions
-from .gguf_format import (
+from ..io.gguf import (
     FLOAT32,
     TENSOR_TYPES,
     GgufFile,
@@ -45,6 +42,9 @@ from .gguf_format import (
     read_gguf_header,
     write_gguf,
 )
+from ..io.index import TensorMeta
+from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
+from .base import Layout, ReadOptions, Source, WriteOptions
 from .gguf_names import GgufNames, family_for_arch, gguf_names
 from .gguf_write import GGML_TYPES, gguf_kv, gguf_tensors
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import Adapter
 from ..errors import UnsupportedAdapterError, quote_list
 from ..families import ModelConfig
-from .gguf_format import KV, GgufValue
+from ..io.gguf import KV, GgufValue
 from .gguf_names import GgufNames
 
 if TYPE_CHECKING:

@@ -11,8 +11,8 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..errors import ConfigError, MissingConfigError
-from ..files import read_safetensors_header
-from .base import Layout, ReadOptions, Source, WriteOptions, save_tensors
+from ..io import read_safetensors_header, save_tensors
+from .base import Layout, ReadOptions, Source, WriteOptions
 
 META_KEY = "lora_ckpt"
 VERSION = 1

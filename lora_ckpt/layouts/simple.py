@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..adapter import Adapter
 from ..errors import MissingConfigError
-from ..files import read_json
+from ..io import read_json
 from .base import Layout, ReadOptions, Source, WriteOptions
 
 SIDECAR = "lora_config.json"  # written by lora-ckpt so a round trip needs no --alpha

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..adapter import Adapter
 from ..errors import ConfigError, MissingConfigError
-from .base import Layout, ReadOptions, Source, WriteOptions, save_tensors
+from ..io import save_tensors
+from .base import Layout, ReadOptions, Source, WriteOptions
 from .peft import PeftLayout, new_config, write_peft_config
 
 
