@@ -270,3 +270,55 @@ def test_the_real_converter_agrees_here(tmp_path):
                         str(tmp_path / "ref.gguf"), f"fixtures/{src}"], check=True, capture_output=True)
         convert(FIX / src, tmp_path / "ours.gguf", to="gguf", base_config=FIX / base / "config.json", force=True)
         assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes(), name
+
+
+CONSUMER = ("LORA_CKPT_LLAMA_CPP", "LORA_CKPT_LIBLLAMA", "LORA_CKPT_LLAMA_CPP_PYTHON")
+
+
+@pytest.mark.skipif(not all(os.environ.get(k) for k in CONSUMER), reason="llama.cpp as the consumer: set "
+                    + ", ".join(CONSUMER) + " (see tests/llama_cpp_consumer.py)")
+def test_llama_cpp_applies_our_gguf_as_peft_and_the_merged_model_compute(tmp_path):
+    """llama.cpp (libllama) loads the adapter on the base model; its logits equal PEFT's on the same
+    tokens and llama.cpp's own on the merged model; the rsLoRA/alpha_pattern fold makes llama.cpp
+    compute PEFT's function where the reference converter's file does not."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_ckpt.merge import merge_checkpoint
+
+    tokens = [1, 5, 9, 17, 33, 65, 100, 127, 3, 7]
+    for family, adapters in (("llama", ("llama-lora", "llama-rslora-patterns")), ("qwen2", ("qwen2-lora",))):
+        base = FIX / "hf" / family
+        ours = {a: tmp_path / f"{a}.gguf" for a in adapters}
+        for a, p in ours.items():
+            convert(FIX / "peft" / a, p, to="gguf", base_config=base / "config.json")
+        merged = tmp_path / f"{adapters[0]}-merged"
+        merge_checkpoint(base, FIX / "peft" / adapters[0], merged, progress=False)
+        files = [*ours.values(), G / "llama-rslora-patterns.gguf"] if family == "llama" else list(ours.values())
+        got = {}
+        for hf_dir, extra in ((base, files), (merged, [])):
+            out = tmp_path / f"{hf_dir.name}.json"
+            subprocess.run([sys.executable, str(ROOT / "tests/llama_cpp_consumer.py"), str(hf_dir), str(out),
+                            *map(str, extra)], check=True, capture_output=True,
+                           env={**os.environ, "TOKENS": json.dumps(tokens), "PYTHONPATH": ""})
+            got[hf_dir.name] = json.loads(out.read_text())
+        hf = AutoModelForCausalLM.from_pretrained(base)
+        ids = torch.tensor([tokens])
+        with torch.no_grad():
+            ref_base = hf(ids).logits[0]
+        cpp_base = torch.tensor(got[base.name]["base"])
+        assert (cpp_base - ref_base).abs().max() < 1e-4
+        for a, p in ours.items():
+            with torch.no_grad():
+                peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), FIX / "peft" / a)(ids).logits[0]
+            cpp = torch.tensor(got[base.name]["adapters"][str(p)])
+            assert (peft - ref_base).abs().max() > 1.0  # the adapter matters
+            assert (cpp - peft).abs().max() < 1e-4, a
+        cpp_merged = torch.tensor(got[merged.name]["base"])
+        assert (cpp_merged - torch.tensor(got[base.name]["adapters"][str(ours[adapters[0]])])).abs().max() < 1e-4
+        if family == "llama":  # the reference's file ignores use_rslora / alpha_pattern: another function
+            with torch.no_grad():
+                peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                                 FIX / "peft/llama-rslora-patterns")(ids).logits[0]
+            theirs = torch.tensor(got[base.name]["adapters"][str(G / "llama-rslora-patterns.gguf")])
+            assert (theirs - peft).abs().max() > 0.1
