@@ -226,11 +226,18 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
     adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config)
     reports: list[VerifyReport] = []
 
-    def release(*mods: ModuleLoRA) -> None:  # memory-mapped pages leave RSS as soon as a module is done
-        release_file_pages(t for m in mods for t in (m.A, m.B, m.magnitude, m.bias))
+    pending: list[torch.Tensor] = []
+
+    def release(*mods: ModuleLoRA, flush: bool = False) -> None:
+        """Memory-mapped pages of finished modules leave RSS, in batches of 64 MB (each release reads
+        /proc/self/maps: once per module was half the time of a 300 MB GGUF conversion)."""
+        pending.extend(t for m in mods for t in (m.A, m.B, m.magnitude, m.bias) if t is not None)
+        if flush or sum(t.numel() * t.element_size() for t in pending) >= 64 << 20:
+            release_file_pages(pending)
+            pending.clear()
 
     def check(tmp: Path, written: Adapter) -> None:
-        release(*adapter.modules.values())  # the write touched every source page
+        release(*adapter.modules.values(), flush=True)  # the write touched every source page
         # no NaN/Inf scan of the read-back: the bitwise comparison with the scanned source covers it
         back = load_adapter(tmp, layout=to, base_config=base_config or written.meta.model_config, scan_values=False,
                             resolve_base_config=fetch_model_config)
@@ -241,6 +248,7 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
                                 after_module=release)
         fold.problems += [f"{n}: written but not in the source, and not zero" for n, m in written.modules.items()
                           if n not in expected.modules and not _noop(m)]
+        release(flush=True)
         report.worst = max(report.worst, fold.worst)
         report.problems += fold.problems
         reports.append(report)

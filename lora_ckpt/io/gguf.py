@@ -17,6 +17,7 @@ import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, BinaryIO
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
@@ -155,7 +156,8 @@ def is_gguf(path: str | os.PathLike[str]) -> bool:
 
 
 def read_gguf_header(path: str | os.PathLike[str]) -> GgufFile:
-    """Read and validate a GGUF header (KV and tensor infos) without reading tensor data.
+    """Read and validate a GGUF header (KV and tensor infos) without reading tensor data. The
+    parse of an unchanged file (same inode, size and mtime) is reused: detection asks several times.
 
     Raises:
         CheckpointNotFoundError: ``path`` does not exist.
@@ -163,7 +165,15 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GgufFile:
     """
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{path}: no such file", path=path) from e
+    return _read_header(path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _read_header(path: str, ino: int, size: int, mtime_ns: int) -> GgufFile:
+    try:
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError as e:
         raise CheckpointNotFoundError(f"{path}: no such file", path=path) from e
