@@ -322,3 +322,22 @@ def test_llama_cpp_applies_our_gguf_as_peft_and_the_merged_model_compute(tmp_pat
                                                  FIX / "peft/llama-rslora-patterns")(ids).logits[0]
             theirs = torch.tensor(got[base.name]["adapters"][str(G / "llama-rslora-patterns.gguf")])
             assert (theirs - peft).abs().max() > 0.1
+
+
+def test_push_and_pull_a_gguf_adapter(hub, tmp_path):
+    from lora_ckpt import hub as lhub
+
+    repo = f"tester/gguf-{os.urandom(5).hex()}"
+    summary = lhub.push(FIX / "peft/llama-lora", repo, to="gguf", base_config=FIX / "hf/llama/config.json",
+                        quiet=True)
+    assert "(peft -> gguf)" in summary
+    assert set(hub.files(repo)) == {".gitattributes", "README.md", "adapter_model.gguf"}
+    assert tensors_of(G / "llama-lora.gguf") == tensors_of(lhub.pull(f"hf://{repo}", layout="gguf")
+                                                           / "adapter_model.gguf")
+    other = f"tester/gguf-{os.urandom(5).hex()}"  # a repo as people publish them: the reference's file name
+    hub.add_files(other, {"Llama-Lora-F32-LoRA.gguf": (G / "llama-lora.gguf").read_bytes(),
+                          "notes.txt": b"x" * 10})
+    hub.clear_log()
+    out = lhub.pull(other, str(tmp_path / "got"), quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["Llama-Lora-F32-LoRA.gguf"]
+    assert verify(out, FIX / "peft/llama-lora", base_config=FIX / "hf/llama/config.json").ok
