@@ -34,14 +34,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from convert_more import make_input  # noqa: E402
+from convert_more import make_input
 
 VARIANTS = ("copy", "peft2gguf", "gguf2peft", "cli", "reference")
 
 
 def child(variant: str, work: Path, llama_cpp: Path | None) -> dict:
     """Run one variant in this process (the in-process ones start the clock after the imports)."""
-    import lora_ckpt.conversion as conv  # noqa: F401 - imported before the clock
+    import lora_ckpt.conversion as conv
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg = work / "base/config.json"
@@ -89,18 +89,18 @@ def main() -> None:
         for v in variants:
             cmd = [sys.executable, __file__, "--child", v, "--workdir", str(args.workdir)]
             cmd += ["--llama-cpp", str(args.llama_cpp)] if args.llama_cpp else []
-            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False,
                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
             if p.returncode:
                 raise SystemExit(f"{v} failed:\n{p.stderr[-2000:]}")
             runs[v].append(json.loads(p.stdout.strip().splitlines()[-1]))
     same = (args.workdir / "ours.gguf").read_bytes() == (args.workdir / "reference.gguf").read_bytes() \
         if args.llama_cpp else None
-    lines = [f"Input: PEFT adapter, {args.layers} Llama-3-8B-shaped blocks, rank 64, fp32, {size / 1e6:.0f} MB; "
-             f"{args.repeats} rounds, medians; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-             f"load average {os.getloadavg()[0]:.1f} at the end. Our GGUF byte-identical to the reference's: {same}.",
-             "", "| variant | wall s | MB/s | x copy | peak RSS MB | RSS after imports MB | (peak - imports) / adapter "
-             "| verified worst rel. diff |", "|---|---|---|---|---|---|---|---|"]
+    lines = [(f"Input: PEFT adapter, {args.layers} Llama-3-8B-shaped blocks, rank 64, fp32, {size / 1e6:.0f} MB; "
+              f"{args.repeats} rounds, medians; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f} at the end. Our GGUF byte-identical to the reference's: {same}."),
+             "", ("| variant | wall s | MB/s | x copy | peak RSS MB | RSS after imports MB | (peak - imports) / adapter "
+                  "| verified worst rel. diff |"), "|---|---|---|---|---|---|---|---|"]
     copy = statistics.median(r["wall_s"] for r in runs["copy"])
     for v in variants:
         wall = statistics.median(r["wall_s"] for r in runs[v])

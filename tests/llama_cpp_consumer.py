@@ -24,8 +24,7 @@ def base_gguf(hf_dir: Path, out: Path) -> Path:
     sys.path[:0] = [str(src / "gguf-py"), str(src)]
     import gguf
     import torch
-    from conversion import ModelBase, get_model_architecture, get_model_class
-    from conversion import ModelType
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
     hparams = ModelBase.load_hparams(hf_dir, False)
     cls = get_model_class(get_model_architecture(hparams, ModelType.TEXT))

@@ -12,6 +12,7 @@ alignment, tensor data padded to the alignment), streaming one tensor at a time.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import struct
@@ -211,7 +212,7 @@ def _read_header(path: str, ino: int, size: int, mtime_ns: int) -> GgufFile:
             raise CheckpointFormatError(f"{path}: tensor {name!r} appears twice; the file is corrupt", path=path)
         out.tensors[name] = _tensor(path, name, shape, ggml_type, data_start + offset, size)
     spans = sorted((t.begin, t.begin + t.nbytes, t.name) for t in out.tensors.values() if t.nbytes)
-    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise CheckpointFormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section; the file is "
                                         "corrupt or hostile", path=path)

@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..adapter import Adapter, AdapterMeta, ModuleLoRA, alpha_for
 from ..errors import (
@@ -44,7 +44,7 @@ from ..io.gguf import (
 )
 from ..io.index import TensorMeta
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
-from .base import Layout, ReadOptions, Source, WriteOptions
+from .base import Layout, ReadOptions, Role, Source, WriteOptions
 from .gguf_names import GgufNames, family_for_arch, gguf_names
 from .gguf_write import GGML_TYPES, gguf_kv, gguf_tensors
 
@@ -153,7 +153,7 @@ class GgufLayout(Layout):
     summary = "llama.cpp LoRA adapter .gguf (convert_lora_to_gguf.py's output; Ollama ADAPTER, llama-cli --lora)"
     weight_files = ("adapter_model.gguf",)
     single_file = ".gguf"
-    leaves = {"A": "lora_a", "B": "lora_b"}
+    leaves: ClassVar[dict[Role, str]] = {"A": "lora_a", "B": "lora_b"}
     features = frozenset({"embedding"})
 
     def locate(self, path: Path) -> Source | None:
@@ -169,7 +169,7 @@ class GgufLayout(Layout):
         found = [n for n in names if n.endswith(".gguf") and "/" not in n]
         return found[0] if len(found) == 1 else None
 
-    def detect(self, src: Source) -> tuple[int, str] | None:
+    def detect(self, src: Source) -> tuple[int, str] | None:  # type: ignore[override]  # as every layout
         h = src.header  # type: ignore[attr-defined]
         kind, lora = h.get("general.type"), h.get("adapter.type")
         if kind != "adapter" or lora != "lora":
@@ -201,8 +201,11 @@ class GgufLayout(Layout):
         pairs: dict[str, dict[str, Any]] = {}
         other = []
         for key, t in src.tensors.items():
-            m = _PAIR.match(key)
-            (pairs.setdefault(m["base"], {}).__setitem__(m["ab"], t)) if m else other.append(key)
+            hit = _PAIR.match(key)
+            if hit:
+                pairs.setdefault(hit["base"], {})[hit["ab"]] = t
+            else:
+                other.append(key)
         if other:
             raise UnsupportedAdapterError(
                 f"{src.weights}: {len(other)} tensor(s) are not lora_a/lora_b pairs ({quote_list(other, 3)}); lora-ckpt "
@@ -224,9 +227,9 @@ class GgufLayout(Layout):
                 have, miss = ("lora_a", "lora_b") if "a" in p else ("lora_b", "lora_a")
                 raise IncompleteAdapterError(f"{src.weights}: {tname}.{have} has no {tname}.{miss}; expected both; "
                                              "the adapter file is incomplete", key=f"{tname}.{miss}")
-            for name, m in _modules(src, names, tname, p["a"], p["b"]).items():
-                m.scale = alpha / m.B.shape[1] if alpha else 1.0
-                modules[name] = m
+            for name, mod in _modules(src, names, tname, p["a"], p["b"]).items():
+                mod.scale = alpha / mod.B.shape[1] if alpha else 1.0
+                modules[name] = mod
         adapter = Adapter(modules, meta=AdapterMeta(
             base_model=base, family=family, source_layout=self.name, source_path=str(src.path), model_config=cfg,
             config={k: v for k, v in h.kv.items()}, notes=notes))
