@@ -179,9 +179,8 @@ class _Planner:
     def build(self) -> list[OutTensor]:
         outs = {k: OutTensor(k, k, s.dtype, s.info.shape, src=s) for k, s in self.sources.items()}
         embed_key = next((k for k in EMBED_KEYS if k in self.sources), None)
-        tied = embed_key is not None and (HEAD_KEY not in self.sources or self.raw.get("tie_word_embeddings") is True)
-        if tied:
-            self._tied(outs, embed_key)  # type: ignore[arg-type]
+        if embed_key is not None and (HEAD_KEY not in self.sources or self.raw.get("tie_word_embeddings") is True):
+            self._tied(outs, embed_key)
         for key, t in self.adapter.extra.items():  # modules_to_save / saved (or resized) embeddings
             plain = key.replace(".base_layer.", ".")
             target = self._resolve(plain) or (plain if plain in outs else None)
@@ -237,7 +236,7 @@ class _Planner:
         if o.lora is not None:
             self._problem("several adapter modules target one weight", key)
             return
-        src_dtype = o.src.dtype if o.src is not None else _CODE.get(o.tensor.dtype)  # type: ignore[union-attr]
+        src_dtype = o.src.dtype if o.src is not None else None if o.tensor is None else _CODE.get(o.tensor.dtype)
         if src_dtype not in FLOAT_CODES:
             self._problem("targets are not float tensors (a quantised base? merge needs a float one)",
                           f"{key} ({o.dtype})")
@@ -336,6 +335,7 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
     base_path = Path(base)
     sources = _base_sources(base_path)
     raw, cfg = _base_config(base_path, base_config)
+    inputs: tuple[PathLike, ...]
     if isinstance(adapter, Adapter):
         ad, inputs = adapter, (base,)
     else:
@@ -359,16 +359,16 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
                                            desc="merge", disable=not progress, leave=False))
             streamer = Streamer(bar)
             stack.callback(streamer.close)
-            for shard, name in zip(shards, names):
+            for shard, name in zip(shards, names, strict=True):
                 write_shard(tmp / name, shard, streamer)
         if len(shards) > 1:
             index = {"metadata": {"total_size": total,
                                   "total_parameters": sum(math.prod(o.shape) for o in plan)},
-                     "weight_map": {o.key: name for shard, name in zip(shards, names) for o in shard}}
+                     "weight_map": {o.key: name for shard, name in zip(shards, names, strict=True) for o in shard}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _companions(base_path, tmp, raw, dtype=dtype, untied=planner.untied)
-        if to == "meta":
-            (tmp / "params.json").write_text(json.dumps(params_json(cfg), indent=4))  # type: ignore[arg-type]
+        if to == "meta" and cfg is not None:  # (a rename without a config was refused by the planner)
+            (tmp / "params.json").write_text(json.dumps(params_json(cfg), indent=4))
     res = MergeResult(Path(out), to, sum(o.lora is not None for o in plan), planner.replaced, len(plan), total,
                       names, time.perf_counter() - t0, list(ad.meta.notes))
     logger.info("%s", res.summary())

@@ -88,10 +88,10 @@ def test_import_graph_is_acyclic():
         state[node] = 1
         for dep in sorted(GRAPH[node]):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep):] + [dep] if dep in path else [node, dep]
+                cycle = [*path[path.index(dep):], dep] if dep in path else [node, dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
-                visit(dep, path + [dep])
+                visit(dep, [*path, dep])
         state[node] = 2
 
     for name in sorted(GRAPH):

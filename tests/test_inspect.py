@@ -18,7 +18,7 @@ FIX = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def test_cli_layout_names_match_the_registry():
-    assert LAYOUT_NAMES == list(LAYOUTS)
+    assert list(LAYOUTS) == LAYOUT_NAMES
 
 
 @pytest.mark.parametrize("path, layout, family", [
@@ -155,6 +155,8 @@ def test_convert_refuses_output_its_reader_does_not_reproduce(tmp_path, monkeypa
             m.B = m.B * 2
 
     monkeypatch.setattr(PeftLayout, "read_meta", skewed)
-    with pytest.raises(VerificationError, match="does not reproduce the source"):
+    with pytest.raises(VerificationError, match="does not reproduce the source") as info:
         convert(FIX / "torchtune/llama-lora/epoch_0", tmp_path / "out", to="peft")
     assert list(tmp_path.iterdir()) == []
+    # a defect found at run time: RuntimeError, not AssertionError
+    assert isinstance(info.value, RuntimeError) and not isinstance(info.value, AssertionError)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,7 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
