@@ -172,8 +172,8 @@ def test_gguf_path_is_detected_and_inspected_torch_free(tmp_path):
     assert detect_layout(tmp_path).layout.name == "gguf"  # a folder with one .gguf
     code = ("import sys, json; from lora_ckpt.cli import main; rc = main(['inspect', sys.argv[1], '--json']); "
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
-    r = subprocess.run([sys.executable, "-c", code, str(G / "mixtral-moe.gguf")], capture_output=True, text=True, check=False,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run([sys.executable, "-c", code, str(G / "mixtral-moe.gguf")], capture_output=True, text=True,
+                       check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["layout"] == "gguf" and rep["family"] == "mixtral" and len(rep["modules"]) == 8 + 12
@@ -310,7 +310,8 @@ def test_llama_cpp_applies_our_gguf_as_peft_and_the_merged_model_compute(tmp_pat
         assert (cpp_base - ref_base).abs().max() < 1e-4
         for a, p in ours.items():
             with torch.no_grad():
-                peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), FIX / "peft" / a)(ids).logits[0]
+                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), FIX / "peft" / a)
+                peft = model(ids).logits[0]
             cpp = torch.tensor(got[base.name]["adapters"][str(p)])
             assert (peft - ref_base).abs().max() > 1.0  # the adapter matters
             assert (cpp - peft).abs().max() < 1e-4, a

@@ -177,7 +177,8 @@ class GgufLayout(Layout):
                 f"{src.weights}: a GGUF {kind or 'model'!s} (general.type {kind!r}, adapter.type {lora!r}), not a "
                 "LoRA adapter; lora-ckpt reads llama.cpp LoRA adapters (general.type 'adapter', adapter.type 'lora')",
                 layout=self.name, path=str(src.weights))
-        return 3, f"GGUF with general.type 'adapter', adapter.type 'lora', architecture {h.get('general.architecture')!r}"
+        arch = h.get("general.architecture")
+        return 3, f"GGUF with general.type 'adapter', adapter.type 'lora', architecture {arch!r}"
 
     # ------------------------------------------------------------------ reading
     def read(self, src: Source, opts: ReadOptions) -> Adapter:
@@ -185,14 +186,16 @@ class GgufLayout(Layout):
         self.detect(src)
         arch = h.get("general.architecture")
         if not isinstance(arch, str):
-            raise ConfigError(f"{src.weights}: no general.architecture; llama.cpp cannot load it either", path=src.weights)
+            raise ConfigError(f"{src.weights}: no general.architecture; llama.cpp cannot load it either",
+                              path=src.weights)
         alpha_kv = h.kv.get("adapter.lora.alpha")
         notes = []
         if opts.alpha is not None:
             alpha = float(opts.alpha)
         elif alpha_kv is None or isinstance(alpha_kv.value, (str, list, bool)):
-            raise MissingConfigError(f"{src.weights}: no numeric adapter.lora.alpha (found {alpha_kv and alpha_kv.value!r}); "
-                                     "llama.cpp would apply scale 1; pass --alpha with the training alpha")
+            found = alpha_kv.value if alpha_kv is not None else None
+            raise MissingConfigError(f"{src.weights}: no numeric adapter.lora.alpha (found {found!r}); llama.cpp "
+                                     "would apply scale 1; pass --alpha with the training alpha")
         else:
             alpha = float(alpha_kv.value)
             if alpha_kv.type != FLOAT32:
@@ -208,8 +211,8 @@ class GgufLayout(Layout):
                 other.append(key)
         if other:
             raise UnsupportedAdapterError(
-                f"{src.weights}: {len(other)} tensor(s) are not lora_a/lora_b pairs ({quote_list(other, 3)}); lora-ckpt "
-                "reads LoRA pairs only", layout=self.name, path=str(src.weights))
+                f"{src.weights}: {len(other)} tensor(s) are not lora_a/lora_b pairs ({quote_list(other, 3)}); "
+                "lora-ckpt reads LoRA pairs only", layout=self.name, path=str(src.weights))
         if not pairs:
             raise LayoutError(f"{src.weights}: no lora_a/lora_b tensors; the adapter is empty", layout=self.name,
                               path=str(src.weights))
