@@ -134,15 +134,6 @@ class Adapter:
         n = sum(t.numel() for m in self.modules.values() for t in (m.A, m.B, m.magnitude, m.bias) if t is not None)
         return n + sum(t.numel() for t in self.extra.values())
 
-    def uniform(self, *, rank: int | None = None, scale: float | None = None) -> Adapter:
-        """The same adapter with one rank and one scale everywhere (for layouts that have only
-        one): ranks zero-padded to ``rank`` (default the largest), scale differences folded into
-        B (default: the most common scale). ΔW is unchanged up to float32 rounding of the fold."""
-        rank = rank or max(self.ranks(), default=0)
-        scale = scale if scale is not None else (self.scales().most_common(1)[0][0] if self.modules else 1.0)
-        mods = {n: m.rescaled(scale).padded(rank) for n, m in self.modules.items()}
-        return replace(self, modules=mods)
-
     def cast(self, dtype: torch.dtype | None) -> Adapter:
         """All tensors converted to ``dtype`` (None: unchanged)."""
         if dtype is None:

@@ -21,21 +21,31 @@ import re
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .adapter import Adapter, alpha_for
-from .errors import ConversionError, LoraCkptError, quote_list
+from .errors import ConversionError, LoraCkptError, UsageError, quote_list
+from .families import FAMILIES, parse_layer
 from .hub.client import fetch_model_config
 from .io import PathLike
 from .keys import matches_target
+from .layouts import LAYOUTS, WriteOptions, detect_layout, load_adapter
+from .layouts.gguf import llamacpp_rules
+from .layouts.mlx import blocks, num_layers_refused, partial_dora, placement
+from .layouts.peft import new_config
 
-__all__ = ["TARGETS", "CheckReport", "Finding", "check_adapter", "check_source"]
+if TYPE_CHECKING:
+    from .conversion import VerifyReport
+
+__all__ = ["TARGETS", "CheckReport", "Finding", "check_adapter", "check_source", "misnamed_modules",
+           "torchtune_export"]
 
 Target = Literal["peft", "vllm", "llama.cpp", "torchtune", "mlx"]
 #: target -> the layout it reads
 TARGETS: dict[str, str] = {"peft": "peft", "vllm": "peft", "llama.cpp": "peft", "torchtune": "torchtune", "mlx": "mlx"}
 _REINIT = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva", "orthogonal")
-_LAYER = re.compile(r"^(?P<pre>.*?)(?P<layers>layers|h)\.(?P<i>\d+)\.")
+#: block lists a module path may sit in (GPT-2 and LitGPT name theirs ``h``)
+_BLOCK_LISTS = ("layers", "h")
 
 
 @dataclass(frozen=True)
@@ -90,16 +100,14 @@ def check_source(source: PathLike, *, target: str, layout: str | None = None, ba
         UsageError: unknown target.
         LoraCkptError: the source cannot be read at all (its own message says why).
     """
-    from .layouts import load_adapter
-
-    from .layouts import detect_layout
-
     _target(target)
-    adapter = load_adapter(source, layout=layout, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config)
+    adapter = load_adapter(source, layout=layout, base_config=base_config, alpha=alpha,
+                           resolve_base_config=fetch_model_config)
     root = Path(source) if Path(source).is_dir() else Path(source).parent
-    export = root / "adapter_model.safetensors"
-    if adapter.meta.source_layout == "torchtune" and TARGETS[target] == "peft" and export.is_file():
-        return _torchtune_export(adapter, export, target=target, source=str(source))
+    if adapter.meta.source_layout == "torchtune" and TARGETS[target] == "peft":
+        export = torchtune_export(root, adapter)
+        if export is not None:
+            return _judge_torchtune_export(export, target=target, source=str(source))
     keys = detect_layout(source, layout=adapter.meta.source_layout).source.keys()
     return check_adapter(adapter, target=target, source=str(source), file_keys=keys)
 
@@ -132,7 +140,10 @@ def check_adapter(adapter: Adapter, *, target: str, source: str = "SRC",
         if src_layout == "peft":
             _peft_config(adapter, cfg, add, source, file_keys)
         _prefix(adapter, add)
-        {"peft": _peft, "vllm": _vllm, "llama.cpp": _llamacpp}[target](adapter, cfg, add, source, file_keys)
+        if target == "vllm":
+            _vllm(adapter, cfg, add, source, file_keys)
+        elif target == "llama.cpp":
+            _llamacpp(adapter, cfg, add, source, file_keys)  # peft: everything the canonical form holds, PEFT holds
     elif target == "torchtune":
         _torchtune(adapter, add, source)
     else:
@@ -142,16 +153,11 @@ def check_adapter(adapter: Adapter, *, target: str, source: str = "SRC",
 
 def _target(target: str) -> None:
     if target not in TARGETS:
-        from .errors import UsageError
-
         raise UsageError(f"unknown check target {target!r}; expected one of {', '.join(TARGETS)}")
 
 
 def _written_peft_config(adapter: Adapter) -> dict[str, Any]:
     """The adapter_config.json ``lora-ckpt convert --to peft`` would write."""
-    from .layouts.base import WriteOptions
-    from .layouts.peft import new_config
-
     try:
         return new_config(adapter, WriteOptions(base_config=adapter.meta.model_config))
     except LoraCkptError:
@@ -182,7 +188,7 @@ def _peft_config(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, k
     layers = cfg.get("layers_to_transform")
     if layers is not None:
         keep = {layers} if isinstance(layers, int) else set(layers)
-        out = [n for n in adapter.modules if (m := _LAYER.match(n)) and int(m["i"]) not in keep]
+        out = [n for n in adapter.modules if (b := parse_layer(n, containers=_BLOCK_LISTS)) and b.number not in keep]
         if out:
             add(Finding("error", f"layers_to_transform {sorted(keep)} excludes {len(out)} module(s) in the file "
                         f"({quote_list(out, 3)}): dropped silently", convert))
@@ -201,25 +207,32 @@ def _peft_config(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, k
                     'add "task_type": "CAUSAL_LM"'))
 
 
+def misnamed_modules(adapter: Adapter) -> tuple[list[str], str] | None:
+    """The modules named otherwise than the base model (known from ``adapter.meta.model_config``) names
+    them, and how it names them; None when the base model is unknown. PEFT, vLLM and transformers
+    match module names exactly and skip the others silently (e.g. a VLM's ``language_model.`` prefix)."""
+    cfg = adapter.meta.model_config
+    if cfg is None or cfg.family is None:
+        return None
+    blocks_at = cfg.family.module_prefixes[0] + ("h" if cfg.family.name == "gpt2" else "layers")
+    wrong = sorted(n for n in adapter.modules if not n.startswith(cfg.family.module_prefixes)
+                   or ((b := parse_layer(n, containers=_BLOCK_LISTS)) is not None and b.container != blocks_at))
+    expected = f"{quote_list(cfg.family.module_prefixes)} ({blocks_at}.N...)"
+    return wrong, expected
+
+
 def _prefix(adapter: Adapter, add: Any) -> None:
     """Module paths must be the base model's own: consumers skip unknown names silently."""
-    prefixes = {m["pre"] + m["layers"] for n in adapter.modules if (m := _LAYER.match(n))}
-    cfg = adapter.meta.model_config
-    expected = None
-    if cfg is not None and cfg.family is not None:
-        expected = "transformer.h" if cfg.family.name == "gpt2" else "model.layers"
-    wrong = sorted(p for p in prefixes if expected and p != expected)
-    if wrong:
-        add(Finding("error", f"module paths start with {quote_list(wrong)} but the base model's are "
-                    f"'{expected}.N...': PEFT and vLLM match names exactly and silently serve the base model "
-                    "(e.g. a VLM's 'language_model.' prefix)", "rename the modules to the base model's paths"))
-    elif len(prefixes) > 1:
-        add(Finding("warning", f"module paths use several prefixes {quote_list(sorted(prefixes))}; pass "
-                    "--base-config to check them against the base model"))
-
-
-def _peft(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:
-    """Everything the canonical form holds, PEFT holds (its reader computed the scales)."""
+    found = misnamed_modules(adapter)
+    if found is not None and found[0]:
+        add(Finding("error", f"module paths {quote_list(found[0], 3)} are not the base model's {found[1]}: PEFT "
+                    "and vLLM match names exactly and silently serve the base model (e.g. a VLM's "
+                    "'language_model.' prefix)", "rename the modules to the base model's paths"))
+    elif found is None:
+        prefixes = {b.container for n in adapter.modules if (b := parse_layer(n, containers=_BLOCK_LISTS))}
+        if len(prefixes) > 1:
+            add(Finding("warning", f"module paths use several prefixes {quote_list(sorted(prefixes))}; pass "
+                        "--base-config to check them against the base model"))
 
 
 def _vllm(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:
@@ -254,8 +267,6 @@ def _vllm(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Co
 
 def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:
     """convert_lora_to_gguf.py on a PEFT directory, judged by the rule set ``convert --to gguf`` uses."""
-    from .layouts.gguf import llamacpp_rules
-
     rules = llamacpp_rules(adapter)
     gguf = f"lora-ckpt convert {source} --to gguf -o OUT.gguf"
     if "DoRA magnitudes" in rules.refused or _has(keys, ".lora_magnitude_vector"):
@@ -277,8 +288,8 @@ def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys
         ranks = adapter.ranks()
         if cfg.get("use_rslora") and len(ranks) == 1 and not cfg.get("alpha_pattern"):
             r = next(iter(ranks))
-            fix = (f"llama.cpp ignores use_rslora: set lora_alpha to alpha*sqrt(r) = {alpha_for(alpha / math.sqrt(r), r)} "
-                   "and use_rslora to false")
+            fix = (f"llama.cpp ignores use_rslora: set lora_alpha to alpha*sqrt(r) = "
+                   f"{alpha_for(alpha / math.sqrt(r), r)} and use_rslora to false")
         else:
             fix = (f"fold the per-module scales into lora_B under one rank and alpha: lora-ckpt convert {source} --to "
                    "loralib -o TMP && lora-ckpt convert TMP --to peft -o OUT (exact up to float32 rounding, verified)")
@@ -293,8 +304,6 @@ def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys
 
 def _gguf(adapter: Adapter, add: Any, source: str) -> None:
     """A GGUF adapter, checked with the rule set its writer applies (what llama.cpp's loader computes)."""
-    from .layouts.gguf import llamacpp_rules
-
     rules = llamacpp_rules(adapter)
     if rules.folded:
         add(Finding("error", f"{len(rules.folded)} module(s) have a scale other than adapter.lora.alpha/rank "
@@ -322,8 +331,6 @@ def _close(a: float, b: float) -> bool:
 
 # ---------------------------------------------------------------- torchtune and mlx
 def _layout_limits(adapter: Adapter, layout: str, add: Any, source: str) -> None:
-    from .layouts import LAYOUTS
-
     lay = LAYOUTS[layout]
     for part in lay.lossy_parts(adapter):
         add(Finding("error", f"{layout} cannot hold {part}",
@@ -337,7 +344,7 @@ def _layout_limits(adapter: Adapter, layout: str, add: Any, source: str) -> None
                         "pass --base-config with the base model's config.json"))
             return
         try:
-            lay._from_hf(adapter.modules, family, cfg)
+            lay.from_hf(adapter.modules, family, cfg)
         except (ConversionError, LoraCkptError) as e:
             add(Finding("error", f"{layout} cannot name every module: {e}"))
 
@@ -345,8 +352,8 @@ def _layout_limits(adapter: Adapter, layout: str, add: Any, source: str) -> None
 def _torchtune(adapter: Adapter, add: Any, source: str) -> None:
     _layout_limits(adapter, "torchtune", add, source)
     if len(adapter.ranks()) > 1 or len(adapter.scales()) > 1:
-        add(Finding("warning", f"ranks {sorted(adapter.ranks())} / scales {sorted(adapter.scales())}: torchtune has one "
-                    "rank and alpha; the conversion zero-pads ranks and folds scales into lora_b (exact)"))
+        add(Finding("warning", f"ranks {sorted(adapter.ranks())} / scales {sorted(adapter.scales())}: torchtune has "
+                    "one rank and alpha; the conversion zero-pads ranks and folds scales into lora_b (exact)"))
     if adapter.uses_dora:
         add(Finding("warning", "DoRA: torchtune's distributed recipe re-initialises magnitudes when resuming"))
     add(Finding("warning", "torchtune loads an adapter only when resuming its run (recipe_state.pt beside "
@@ -354,12 +361,8 @@ def _torchtune(adapter: Adapter, add: Any, source: str) -> None:
 
 
 def _mlx(adapter: Adapter, add: Any, source: str) -> None:
-    from .families import FAMILIES
-    from .layouts.mlx import _blocks, placement
-
     _layout_limits(adapter, "mlx", add, source)
-    dora = [n for n, m in adapter.modules.items() if m.magnitude is not None]
-    if dora and len(dora) != len(adapter.modules):
+    if partial_dora(adapter):
         add(Finding("error", "DoRA on some modules only: mlx-lm runs DoRA on every adapted module or none",
                     "convert to peft or native instead, or merge"))
     cfg = adapter.meta.model_config
@@ -369,7 +372,7 @@ def _mlx(adapter: Adapter, add: Any, source: str) -> None:
         add(Finding("error", f"per-expert modules ({quote_list(experts, 2)}): mlx-lm stacks experts in switch_mlp and "
                     "lora-ckpt knows that stacking only for mixtral, qwen2_moe, qwen3_moe",
                     "pass --base-config of one of those families, or merge"))
-    num_layers, note = placement(_blocks(adapter.modules), cfg.n_layers if cfg else None)
+    num_layers, note = placement(blocks(adapter.modules), cfg.n_layers if cfg else None)
     if note:
         add(Finding("warning", note))
     if adapter.meta.source_layout == "mlx":
@@ -378,27 +381,35 @@ def _mlx(adapter: Adapter, add: Any, source: str) -> None:
         if adapter.uses_dora and ftype != "dora":
             add(Finding("error", f"DoRA magnitudes (m) but fine_tune_type {ftype!r}: mlx-lm refuses the file "
                         "('not an adapter parameter')", 'set "fine_tune_type": "dora"'))
-        given = mcfg.get("num_layers", mcfg.get("lora_layers"))
-        total = cfg.n_layers if cfg else None
-        blocks = _blocks(adapter.modules)
-        if isinstance(given, int) and given >= 0 and total and blocks and min(blocks) < total - given:
-            add(Finding("error", f"num_layers {given} but the file adapts block {min(blocks)} of {total}: mlx-lm "
-                        "refuses it", f'set "num_layers": {num_layers}'))
+        refused = num_layers_refused(adapter)
+        if refused:
+            add(Finding("error", f"{refused}: mlx-lm refuses it", f'set "num_layers": {num_layers}'))
 
 
-def _torchtune_export(adapter: Adapter, export: Path, *, target: str, source: str) -> CheckReport:
-    """A torchtune epoch dir holds torchtune's own PEFT export: that file is what PEFT-format consumers
-    read, so check it, and whether it says what adapter_model.pt says (torchtune 0.6.1 bugs B1-B3)."""
-    from .conversion import compare_adapters
-    from .layouts import load_adapter
+def torchtune_export(root: Path, ours: Adapter) -> tuple[Path, Adapter, VerifyReport] | None:
+    """torchtune writes a PEFT-keyed copy (``adapter_model.safetensors``) beside ``adapter_model.pt``,
+    and that copy is what PEFT-format consumers read; 0.6.1's is wrong for DoRA and Qwen. The copy
+    (None if there is none), read, and how it compares with ``ours`` (read from adapter_model.pt).
 
-    from .layouts import detect_layout
+    Raises:
+        LoraCkptError: the copy cannot be read.
+    """
+    from .conversion import compare_adapters  # imports torch: only when there is an export to compare
 
-    theirs = load_adapter(export, layout="peft", base_config=adapter.meta.model_config, resolve_base_config=fetch_model_config)
+    export = root / "adapter_model.safetensors"
+    if not export.is_file():
+        return None
+    theirs = load_adapter(export, layout="peft", base_config=ours.meta.model_config,
+                          resolve_base_config=fetch_model_config)
+    return export, theirs, compare_adapters(ours, theirs)
+
+
+def _judge_torchtune_export(found: tuple[Path, Adapter, VerifyReport], *, target: str, source: str) -> CheckReport:
+    """Check torchtune's PEFT export, and whether it says what adapter_model.pt says (bugs B1-B3)."""
+    export, theirs, diff = found
     keys = detect_layout(export, layout="peft").source.keys()
     report = check_adapter(theirs, target=target, source=str(export), file_keys=keys)
     report.source, report.source_layout = source, "torchtune"
-    diff = compare_adapters(adapter, theirs)
     if not diff.ok:
         report.findings.insert(0, Finding(
             "error", f"{target} would read {export.name}, torchtune's own PEFT export, which disagrees with "

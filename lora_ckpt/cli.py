@@ -16,9 +16,10 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .check import check_source
+from .check import TARGETS, check_source
 from .errors import LoraCkptError, UsageError
 from .hub.client import pull, resolve_source
+from .layouts import layout_names
 from .report import format_report, inspect_source
 
 __all__ = ["main"]
@@ -38,8 +39,8 @@ exit codes: 0 ok, 1 refused input, 2 usage error, 3 verification found a differe
 """
 
 Handler = Callable[[argparse.Namespace], int]
-# kept in sync with lora_ckpt.layouts.LAYOUTS by tests/test_cli.py (importing it would import torch)
-LAYOUT_NAMES = ["native", "peft", "torchtune", "mistral", "loralib", "llmbook", "mlx", "litgpt", "gguf"]
+#: the registry's layout names (lora_ckpt.layouts is torch-free: --help stays fast)
+LAYOUT_NAMES = layout_names()
 
 
 def _source(args: argparse.Namespace, value: str, *, layout: str | None = "from") -> str:
@@ -63,7 +64,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dtype(name: str | None):  # noqa: ANN202 - torch is imported lazily
+def _dtype(name: str | None):
     if name is None:
         return None
     import torch  # torch-free --help and inspect
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dtypes and warnings; for a stock checkpoint, tensors, dtypes and parameters. "
                                    "Reads safetensors headers only.",
                        epilog="examples:\n  lora-ckpt inspect adapter_model.safetensors\n"
-                              "  lora-ckpt inspect epoch_0/ --json", formatter_class=argparse.RawDescriptionHelpFormatter)
+                              "  lora-ckpt inspect epoch_0/ --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a file or directory (or hf://ORG/NAME[@REV][/SUBDIR])")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--values", action="store_true", help="scan tensor values for NaN/Inf whatever the file size "
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  lora-ckpt convert lora_state_dict.pt --from loralib --alpha 16 --to peft -o out/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="adapter directory or file (or hf://...)")
-    p.add_argument("--to", required=True, choices=LAYOUT_NAMES, help="target layout")
+    p.add_argument("--to", required=True, choices=LAYOUT_NAMES, help="target layout: " + ", ".join(LAYOUT_NAMES))
     p.add_argument("-o", "--output", required=True, help="output directory, or a .gguf file for --to gguf "
                    "(written atomically)")
     common(p)
@@ -250,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  lora-ckpt check epoch_0/ --for llama.cpp --base-config llama/config.json --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="adapter directory or file (or hf://...)")
-    p.add_argument("--for", dest="for_", required=True, choices=["peft", "vllm", "llama.cpp", "torchtune", "mlx"],
+    p.add_argument("--for", dest="for_", required=True, choices=list(TARGETS),
                    help="the consumer")
     common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -12,7 +12,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["ADAPTER_PARAMS", "BASE_PARAMS", "KEY_DIALECTS", "KeyDialect", "matches_target", "split_key"]
+__all__ = ["ADAPTER_LEAVES", "ADAPTER_PARAMS", "ALIASES", "BASE_PARAMS", "KEY_DIALECTS", "LEAF_ROLES",
+           "TRANSPOSED_LEAVES", "KeyDialect", "matches_target", "split_key"]
 
 BASE_PARAMS = ("linear.weight", "linear.bias")
 ADAPTER_PARAMS = ("lora_A.weight", "lora_B.weight")
@@ -57,14 +58,26 @@ def _aliases() -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-_ALIASES = _aliases()
+#: Our parameter name -> every suffix (in :data:`KEY_DIALECTS` order) that may carry it when loading.
+ALIASES: dict[str, tuple[str, ...]] = _aliases()
 
-#: Adapter leaves (the part after the module path) that any known layout uses.
-ADAPTER_LEAVES = (
-    "lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_a.weight", "lora_b.weight", "lora_A", "lora_B",
-    "lora_a", "lora_b", "lora_magnitude_vector", "magnitude", "lora_embedding_A", "lora_embedding_B",
-    "A.weight", "B.weight", "lora_down.weight", "lora_up.weight", "dora_scale",
-)
+#: The one list of adapter leaves (the part of a key after the module path) any known implementation
+#: uses, with the part each holds: factor ``A`` / ``B`` (embedding factors too), DoRA ``magnitude``,
+#: LoRA ``bias``. Every layout entry's ``leaves`` are taken from here (a test checks it).
+LEAF_ROLES: dict[str, str] = {
+    "lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias",  # PEFT, native, mistral
+    "lora_a.weight": "A", "lora_b.weight": "B", "magnitude": "magnitude",  # torchtune
+    "lora_magnitude_vector": "magnitude", "lora_embedding_A": "A", "lora_embedding_B": "B",  # PEFT
+    "lora_magnitude": "magnitude", "lora_embedding_A.weight": "A", "lora_embedding_B.weight": "B",  # native
+    "lora_A": "A", "lora_B": "B",  # loralib, LitGPT
+    "lora_a": "A", "lora_b": "B", "m": "magnitude",  # mlx-lm
+    "A.weight": "A", "B.weight": "B",  # LLMBook
+    "lora_down.weight": "A", "lora_up.weight": "B", "dora_scale": "magnitude",  # kohya / diffusers (read only)
+}
+#: leaves stored transposed, A (in, r) and B (r, out): mlx-lm
+TRANSPOSED_LEAVES = ("lora_a", "lora_b")
+#: every adapter leaf name
+ADAPTER_LEAVES = tuple(LEAF_ROLES)
 _LEAF_RE = re.compile(r"^(?P<module>.+?)\.(?P<leaf>" + "|".join(
     re.escape(x) for x in sorted(ADAPTER_LEAVES, key=len, reverse=True)) + r")$")
 

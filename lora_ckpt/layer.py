@@ -27,7 +27,7 @@ from .errors import (
     ShapeMismatchError,
     quote_list,
 )
-from .keys import _ALIASES, ADAPTER_PARAMS
+from .keys import ADAPTER_PARAMS, ALIASES
 
 __all__ = ["LoRALinear"]
 
@@ -191,7 +191,7 @@ class LoRALinear(nn.Module):
     def _canonicalize(self, state_dict: dict[str, Any], prefix: str) -> set[str]:
         """Rename every dialect's keys under ``prefix`` to ours, in place; return our keys found."""
         found = set()
-        for ours, suffixes in _ALIASES.items():
+        for ours, suffixes in ALIASES.items():
             hits = [prefix + s for s in suffixes if prefix + s in state_dict]
             if len(hits) > 1:
                 raise AmbiguousKeyError(

@@ -49,7 +49,7 @@ from .conversion import one_thread
 from .errors import CheckpointFormatError, ConversionError, MissingConfigError, UsageError, quote_list
 from .families import ModelConfig, load_model_config, model_config_from_dict
 from .hub.client import fetch_model_config
-from .io import DTYPES, PathLike, atomic_output, checkpoint_files, read_json, read_safetensors_header
+from .io import DTYPES, WEIGHT_SUFFIXES, PathLike, atomic_output, checkpoint_files, read_json, read_safetensors_header
 from .layouts import load_adapter
 from .layouts.mistral import params_json
 from .stream import BaseTensor, OutTensor, Streamer, plan_shards, write_shard
@@ -66,7 +66,8 @@ EMBED_KEYS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.lang
               "model.decoder.embed_tokens.weight", "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight")
 HEAD_KEY = "lm_head.weight"
 CONV1D_MODEL_TYPES = ("gpt2",)  # weights stored (in, out): PEFT forces fan_in_fan_out for them
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+#: weight files of a base model directory that are not copied: the ones lora-ckpt reads, and other frameworks'
+NOT_COPIED_SUFFIXES = (*WEIGHT_SUFFIXES, ".gguf", ".h5", ".msgpack", ".ckpt")
 SKIPPED_FILES = ("README.md",)
 
 
@@ -392,7 +393,7 @@ def _companions(base: Path, out: Path, raw: dict[str, Any] | None, *, dtype: tor
                 continue
             if not p.is_file():
                 logger.info("not copied: %s (a directory)", p.name)
-            elif not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json"):
+            elif not p.name.endswith(NOT_COPIED_SUFFIXES) and not p.name.endswith(".index.json"):
                 shutil.copyfile(p, out / p.name)
     if raw is None:
         return

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import quote_list
+from .adapter import Adapter
+from .check import misnamed_modules, torchtune_export
+from .errors import LoraCkptError, MissingConfigError, UnknownLayoutError, quote_list
+from .families import ModelConfig, load_model_config
 from .hub.client import fetch_model_config
 from .io import (
     DTYPES,
@@ -20,7 +24,8 @@ from .io import (
     nonfinite_tensors,
     read_safetensors_header,
 )
-from .keys import split_key
+from .keys import LEAF_ROLES, TRANSPOSED_LEAVES, split_key
+from .layouts import detect_layout, load_adapter, read_detected
 
 __all__ = ["AdapterReport", "CheckpointReport", "format_report", "inspect_checkpoint", "inspect_source"]
 
@@ -35,11 +40,8 @@ class ModuleReport:
     @property
     def rank(self) -> int | None:
         for leaf, shape in self.leaves.items():
-            if leaf in ("lora_A.weight", "lora_a.weight", "lora_A", "A.weight", "lora_down.weight",
-                        "lora_embedding_A") and len(shape) >= 2:
-                return shape[-2] if len(shape) == 3 else shape[0]
-            if leaf == "lora_a" and len(shape) >= 2:  # mlx: (in, r)
-                return shape[-1]
+            if LEAF_ROLES.get(leaf) == "A" and len(shape) >= 2:  # (r, in); (E, r, in) stacked; mlx (in, r)
+                return shape[-2] if len(shape) == 3 else shape[-1] if leaf in TRANSPOSED_LEAVES else shape[0]
         return None
 
 
@@ -59,7 +61,7 @@ class CheckpointReport:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for m, rep in zip(d["lora_modules"], self.lora_modules):
+        for m, rep in zip(d["lora_modules"], self.lora_modules, strict=False):
             m["rank"] = rep.rank
         return d
 
@@ -85,7 +87,7 @@ def inspect_checkpoint(source: PathLike) -> CheckpointReport:
     modules: dict[str, ModuleReport] = {}
     others = []
     params = 0
-    for name, dtype, shape, nbytes in sorted(entries):
+    for name, dtype, shape, _nbytes in sorted(entries):
         n = 1
         for d in shape:
             n *= d
@@ -124,21 +126,21 @@ def format_report(rep: CheckpointReport | AdapterReport, *, limit: int = 20) -> 
         rows = [("module", "rank", "tensors")] + [
             (m.module, str(m.rank if m.rank is not None else "-"),
              ", ".join(f"{leaf} {tuple(s)}" for leaf, s in m.leaves.items())) for m in rep.lora_modules[:limit]]
-        lines += [""] + _table(rows)
+        lines += ["", *_table(rows)]
         if len(rep.lora_modules) > limit:
             lines.append(f"... and {len(rep.lora_modules) - limit} more module(s) (--json lists all)")
     if rep.other_tensors:
         rows = [("tensor", "dtype", "shape")] + [(n, _dtype_name(d), str(tuple(s)))
                                                  for n, d, s in rep.other_tensors[:limit]]
-        lines += [""] + _table(rows)
+        lines += ["", *_table(rows)]
         if len(rep.other_tensors) > limit:
             lines.append(f"... and {len(rep.other_tensors) - limit} more tensor(s) (--json lists all)")
     return "\n".join(lines)
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
 
 
 def _human(n: int) -> str:
@@ -178,10 +180,6 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
 
     NaN/Inf values are looked for in safetensors files up to 16 MB (any size with ``values``),
     without torch."""
-    from .errors import MissingConfigError, UnknownLayoutError
-    from .families import load_model_config
-    from .layouts import detect_layout, read_detected
-
     try:
         det = detect_layout(source, layout=layout)
     except UnknownLayoutError:
@@ -194,9 +192,10 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
     try:
         adapter = read_detected(det, base_config=cfg, alpha=alpha)
     except MissingConfigError as e:  # e.g. loralib without --alpha: report shapes, say what is missing
-        if det.layout.name not in ("loralib", "torchtune", "peft"):
-            raise
-        adapter = read_detected(det, base_config=cfg, alpha=1.0)
+        try:
+            adapter = read_detected(det, base_config=cfg, alpha=1.0)
+        except MissingConfigError:  # not (only) the scale: head counts, a family's names ...
+            raise e from None
         warnings.append(f"scale unknown ({e}); scales below assume alpha=1")
     warnings += adapter.meta.notes
     warnings += _prefix_warnings(adapter)
@@ -228,39 +227,30 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
         dora=adapter.uses_dora, lora_bias=adapter.uses_bias, extra=sorted(adapter.extra), warnings=warnings)
 
 
-def _prefix_warnings(adapter: Any) -> list[str]:
+def _prefix_warnings(adapter: Adapter) -> list[str]:
     """Modules named differently from how the declared base model class names them are skipped
     silently by PEFT, vLLM and transformers (e.g. a VLM's ``language_model.`` prefix)."""
+    found = misnamed_modules(adapter)
+    if not found or not found[0] or adapter.meta.model_config is None:
+        return []
     cfg = adapter.meta.model_config
-    if cfg is None or cfg.family is None:
-        return []
-    prefixes = cfg.family.module_prefixes
-    wrong = sorted(n for n in adapter.modules if not n.startswith(prefixes))
-    if not wrong:
-        return []
-    arch = (cfg.raw.get("architectures") or [cfg.family.name])[0]
-    return [f"module(s) {quote_list(wrong, 3)} do not start with {quote_list(prefixes)} as {arch} names its "
-            "modules: PEFT, vLLM and transformers skip them silently and serve the base model; fix the prefix"]
+    arch = (cfg.raw.get("architectures") or [cfg.family.name if cfg.family else "the base model"])[0]
+    return [(f"module(s) {quote_list(found[0], 3)} do not start with {found[1]} as {arch} names its "
+            "modules: PEFT, vLLM and transformers skip them silently and serve the base model; fix the prefix")]
 
 
-def _torchtune_export_check(root: Path, cfg: Any) -> list[str]:
+def _torchtune_export_check(root: Path, cfg: ModelConfig | None) -> list[str]:
     """torchtune writes a PEFT-keyed copy beside adapter_model.pt; 0.6.1's is wrong for DoRA and Qwen."""
-    from .conversion import compare_adapters
-    from .errors import LoraCkptError
-    from .layouts import load_adapter
-
     try:
-        ours = load_adapter(root, layout="torchtune", base_config=cfg, resolve_base_config=fetch_model_config)
-        theirs = load_adapter(root / "adapter_model.safetensors", layout="peft", alpha=None,
-                              resolve_base_config=fetch_model_config)
+        found = torchtune_export(root, load_adapter(root, layout="torchtune", base_config=cfg,
+                                                    resolve_base_config=fetch_model_config))
     except LoraCkptError as e:
         return [f"could not check adapter_model.safetensors against adapter_model.pt: {e}"]
-    rep = compare_adapters(ours, theirs)
-    if rep.ok:
+    if found is None or found[2].ok:
         return []
-    return [f"adapter_model.safetensors (PEFT keys) disagrees with adapter_model.pt: {rep.summary()} — torchtune "
+    return [(f"adapter_model.safetensors (PEFT keys) disagrees with adapter_model.pt: {found[2].summary()} — torchtune "
             "0.6.1's PEFT export bug (DoRA magnitudes/use_dora, Qwen permutation); PEFT and vLLM would compute "
-            "the wrong function; use `lora-ckpt convert DIR --to peft -o OUT`"]
+            "the wrong function; use `lora-ckpt convert DIR --to peft -o OUT`")]
 
 
 def _format_adapter(rep: AdapterReport, limit: int) -> str:
@@ -269,7 +259,8 @@ def _format_adapter(rep: AdapterReport, limit: int) -> str:
              f"layout      {rep.layout} ({rep.reason})",
              f"family      {rep.family or 'unknown (pass --base-config)'}"
              + (f"; base model {rep.base_model}" if rep.base_model else ""),
-             f"modules     {len(rep.modules)}" + (" (DoRA)" if rep.dora else "") + (" (lora bias)" if rep.lora_bias else ""),
+             f"modules     {len(rep.modules)}" + (" (DoRA)" if rep.dora else "")
+             + (" (lora bias)" if rep.lora_bias else ""),
              "ranks       " + ", ".join(f"{r} x{n}" for r, n in sorted(rep.ranks.items())),
              f"scales      {fmt_scales}",
              "dtypes      " + ", ".join(f"{k} x{v}" for k, v in sorted(rep.dtypes.items())),
@@ -281,7 +272,7 @@ def _format_adapter(rep: AdapterReport, limit: int) -> str:
          ",".join(x for x in ("dora" if m["dora"] else "", "bias" if m["bias"] else "",
                               "embedding" if m["kind"] == "embedding" else "") if x))
         for m in rep.modules[:limit]]
-    lines += [""] + _table(rows)
+    lines += ["", *_table(rows)]
     if len(rep.modules) > limit:
         lines.append(f"... and {len(rep.modules) - limit} more module(s) (--json lists all)")
     lines += [f"warning: {w}" for w in rep.warnings]

@@ -17,8 +17,16 @@ from lora_ckpt.report import AdapterReport, inspect_source
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 
 
-def test_cli_layout_names_match_the_registry():
+def test_cli_layout_choices_and_help_come_from_the_registry(capsys):
     assert list(LAYOUTS) == LAYOUT_NAMES
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in LAYOUTS)
+    with pytest.raises(SystemExit):
+        main(["convert", str(FIX / "peft/llama-lora"), "--to", "no-such-layout", "-o", "x"])
+    err = capsys.readouterr().err
+    assert all(name in err for name in LAYOUTS)
 
 
 @pytest.mark.parametrize("path, layout, family", [

@@ -7,7 +7,9 @@ its shape and type, and overlap no other. A truncated or hostile file is a
 :class:`~lora_ckpt.errors.CheckpointFormatError`, never a crash or a huge allocation.
 
 Writing produces the same bytes as gguf-py's ``GGUFWriter`` (version 3, little-endian, 32-byte
-alignment, tensor data padded to the alignment), streaming one tensor at a time.
+alignment, tensor data padded to the alignment), streaming one tensor at a time. The KV entries
+of a LoRA adapter come from gguf-py itself (:func:`adapter_kv`, the one function here that needs
+the ``gguf`` package).
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "GGUF_MAGIC",
@@ -265,8 +271,23 @@ def header_bytes(kv: KV, tensors: Iterable[tuple[str, tuple[int, ...], int, int]
     return head + b"\x00" * (-len(head) % DEFAULT_ALIGNMENT), offsets
 
 
-def write_gguf(path: str | os.PathLike[str], kv: KV,
-               tensors: list[tuple[str, tuple[int, ...], int, int, Callable[[], bytes | memoryview]]]) -> int:
+#: torch dtype name -> ggml type written
+GGML_TYPES = {"float32": 0, "float16": 1, "bfloat16": 30}
+#: a tensor to write: (name, shape, ggml type, nbytes, data() -> its raw bytes)
+TensorEntry = tuple[str, tuple[int, ...], int, int, Callable[[], "bytes | memoryview"]]
+
+
+def tensor_entry(name: str, t: torch.Tensor) -> TensorEntry:
+    """A torch tensor as a :func:`write_gguf` entry (its bytes read in place, zero-copy, when written)."""
+    import ctypes
+
+    t = t.contiguous()
+    nbytes = t.numel() * t.element_size()
+    return (name, tuple(t.shape), GGML_TYPES[str(t.dtype).removeprefix("torch.")], nbytes,
+            lambda: memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B"))
+
+
+def write_gguf(path: str | os.PathLike[str], kv: KV, tensors: list[TensorEntry]) -> int:
     """Write a GGUF file: ``tensors`` = (name, shape, ggml type, nbytes, data()) where ``data()``
     returns the raw little-endian bytes, called once, in order (so only one tensor is in memory).
     Returns the file size."""
@@ -280,3 +301,88 @@ def write_gguf(path: str | os.PathLike[str], kv: KV,
             f.write(raw)
             f.write(b"\x00" * (-nbytes % DEFAULT_ALIGNMENT))
         return f.tell()
+
+
+def load_gguf_tensors(header: GgufFile) -> dict[str, torch.Tensor]:
+    """The tensors of a parsed GGUF, memory-mapped copy-on-write (zero-copy, like safetensors).
+
+    Raises:
+        CheckpointFormatError: a tensor type lora-ckpt does not read (quantized Q8_0, ...).
+    """
+    import mmap
+
+    import torch
+
+    bad = [f"{n} ({t.dtype})" for n, t in header.tensors.items() if t.ggml_type not in TENSOR_TYPES]
+    if bad:
+        raise CheckpointFormatError(
+            f"{header.path}: quantized tensors {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}; lora-ckpt "
+            "reads F32/F16/BF16 GGUF adapters; re-export the adapter with --outtype f32, f16 or bf16",
+            path=header.path)
+    with open(header.path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    out = {}
+    for name, t in header.tensors.items():
+        dtype, size = getattr(torch, t.dtype), TENSOR_TYPES[t.ggml_type][1]
+        if t.nbytes == 0:
+            out[name] = torch.empty(t.shape, dtype=dtype)
+        elif t.begin % size:  # misaligned: a copy, never an unaligned view
+            out[name] = torch.frombuffer(bytearray(mm[t.begin:t.begin + t.nbytes]), dtype=dtype).reshape(t.shape)
+        else:
+            out[name] = torch.frombuffer(mm, dtype=dtype, count=t.nbytes // size, offset=t.begin).reshape(t.shape)
+    return out
+
+
+def total_parameters(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> int:
+    """gguf-py's ``GGUFWriter.get_total_parameter_count()[0]`` for (name, shape) in file order (negative
+    for LoRA: the base weights' size, which gguf-py's ``Metadata`` uses for its size heuristics)."""
+    total, last_a = 0, None
+    for name, shape in tensors:
+        if name.endswith(".lora_a"):
+            last_a = (name, shape)
+            continue
+        if name.endswith(".lora_b") and last_a is not None and last_a[0] == name[:-1] + "a":
+            shape = (*shape[:-1], last_a[1][-1])
+        total += math.prod(shape)
+    return -total if last_a is not None else total
+
+
+def adapter_kv(*, arch: str, alpha: float, card_dir: str | os.PathLike[str] | None, fallback_name: str,
+               total_params: int, kept: KV | None = None, alora_tokens: list[int] | None = None) -> KV:
+    """The KV entries ``convert_lora_to_gguf.py`` writes, built by gguf-py's own ``GGUFWriter`` and
+    ``Metadata``: general.architecture, general.type, adapter.type, the ``general.*`` metadata
+    gguf-py derives from ``card_dir`` (its README model card and name; ``kept`` instead when given),
+    adapter.lora.alpha as FLOAT32, adapter.alora.invocation_tokens, general.quantization_version.
+
+    Raises:
+        ImportError: the ``gguf`` package is missing.
+    """
+    import logging
+
+    import gguf
+
+    quiet = logging.getLogger("gguf.gguf_writer")
+    level, quiet.level = quiet.level, logging.WARNING  # its "for Little Endian only" note on every writer
+    try:
+        w = gguf.GGUFWriter(None, arch)
+    finally:
+        quiet.setLevel(level)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    if kept is None:
+        meta = gguf.Metadata.load(None, None if card_dir is None else Path(card_dir), None, total_params)
+        meta.name = meta.name if meta.name is not None else fallback_name
+        meta.set_gguf_meta_model(w)
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    if alora_tokens:
+        w.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, alora_tokens, gguf.GGUFValueType.ARRAY,
+                        gguf.GGUFValueType.UINT32)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    kv: KV = {}
+    for key, v in w.kv_data[0].items():
+        if key == gguf.Keys.Adapter.LORA_ALPHA and kept:
+            kv.update(kept)
+        sub = v.sub_type if v.sub_type is not None else (gguf.GGUFValueType.get_type(v.value[0])
+                                                         if v.type == gguf.GGUFValueType.ARRAY else None)
+        kv[key] = GgufValue(v.value, int(v.type), None if sub is None else int(sub))
+    return kv

@@ -1,7 +1,14 @@
-"""The layout registry: one entry per ecosystem; detection; ``load_adapter`` / ``save_adapter``.
+"""Adapter layouts: one file per ecosystem, discovered by :mod:`.registry`; ``load_adapter`` /
+``save_adapter``.
 
-Adding an ecosystem is adding one :class:`~lora_ckpt.layouts.base.Layout` subclass to
-:data:`LAYOUTS` (plus its tests).
+* :mod:`.spec`: what a layout is, as data (files, leaves, naming scheme, :class:`ScalePolicy`,
+  features) and :class:`Detection`.
+* :mod:`.source`: the resolved input and the read/write options.
+* :mod:`.base`: the generic reader and writer (:class:`Layout`).
+* :mod:`.placement`: every-layer fill and all-zero module removal; :mod:`.lossy`: the lossy policy.
+* :mod:`.registry`: the list of layouts (every ``Layout`` subclass in this package) and detection.
+* one file per ecosystem: ``native``, ``peft``, ``torchtune``, ``mistral``, ``simple`` (loralib,
+  LLMBook), ``mlx``, ``litgpt``.
 """
 
 from __future__ import annotations
@@ -13,30 +20,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter
-from ..errors import (
-    AmbiguousLayoutError,
-    CheckpointNotFoundError,
-    LoraCkptError,
-    UnknownLayoutError,
-    UsageError,
-    quote_list,
-)
+from ..errors import LoraCkptError
 from ..families import ModelConfig, load_model_config
 from ..io import PathLike, atomic_output
-from .base import Layout, ReadOptions, Source, WriteOptions
-from .gguf import GgufLayout
-from .litgpt import LitgptLayout
-from .mistral import MistralLayout
-from .mlx import MlxLayout
-from .native import NativeLayout
-from .peft import PeftLayout
-from .simple import LlmbookLayout, LoralibLayout
-from .torchtune import TorchtuneLayout
+from .base import Layout
+from .registry import LAYOUTS, Detected, detect_layout, get_layout, layout_names
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, ScalePolicy
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LAYOUTS", "BaseConfigResolver", "Detection", "detect_layout", "get_layout", "load_adapter", "read_detected",
+__all__ = ["LAYOUTS", "BaseConfigResolver", "Detected", "Detection", "Layout", "ReadOptions", "ScalePolicy", "Source",
+           "WriteOptions", "detect_layout", "get_layout", "layout_names", "load_adapter", "read_detected",
            "save_adapter"]
 
 logger = logging.getLogger(__name__)
@@ -44,65 +40,6 @@ logger = logging.getLogger(__name__)
 #: finds a base model's ``config.json`` from its ``base_model_name_or_path`` (a Hub id): ``(path, note)``
 #: or ``(None, why not)``, never raising; :func:`lora_ckpt.hub.fetch_model_config` is the Hub's
 BaseConfigResolver = Callable[[str], tuple[Path | None, str | None]]
-
-LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
-    NativeLayout(), PeftLayout(), TorchtuneLayout(), MistralLayout(), LoralibLayout(), LlmbookLayout(),
-    MlxLayout(), LitgptLayout(), GgufLayout())}
-
-
-class Detection:
-    """A layout found at a path, and why."""
-
-    def __init__(self, layout: Layout, source: Source, reason: str) -> None:
-        self.layout, self.source, self.reason = layout, source, reason
-
-
-def get_layout(name: str) -> Layout:
-    try:
-        return LAYOUTS[name]
-    except KeyError:
-        raise UsageError(f"unknown layout {name!r}; expected one of {', '.join(LAYOUTS)}") from None
-
-
-def detect_layout(path: PathLike, *, layout: str | None = None) -> Detection:
-    """Which layout ``path`` (a file or directory) is in, and why.
-
-    Raises:
-        CheckpointNotFoundError: ``path`` does not exist.
-        UnknownLayoutError: nothing matches.
-        AmbiguousLayoutError: several layouts match equally well (``layout`` chooses).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointNotFoundError(f"{p}: no such file or directory", path=p)
-    if layout is not None:
-        lay = get_layout(layout)
-        src = lay.locate(p)
-        if src is None:
-            raise UnknownLayoutError(f"{p}: no {lay.name} weight file ({quote_list(lay.weight_files)}) here",
-                                     layout=lay.name, path=str(p))
-        return Detection(lay, src, "chosen with --from")
-    hits: list[tuple[int, Layout, Source, str]] = []
-    for lay in LAYOUTS.values():
-        src = lay.locate(p)
-        if src is None:
-            continue
-        found = lay.detect(src)
-        if found:
-            hits.append((found[0], lay, src, found[1]))
-    if not hits:
-        listing = [f.name for f in p.iterdir()] if p.is_dir() else [p.name]
-        raise UnknownLayoutError(
-            f"{p}: no known adapter layout ({', '.join(LAYOUTS)}) matches {quote_list(sorted(listing))}; "
-            "pass --from LAYOUT if you know it", path=str(p))
-    best = max(h[0] for h in hits)
-    top = [h for h in hits if h[0] == best]
-    if len(top) > 1:
-        raise AmbiguousLayoutError(
-            f"{p}: matches {len(top)} layouts equally ({'; '.join(f'{h[1].name}: {h[3]}' for h in top)}); "
-            "pass --from LAYOUT to choose", candidates=[h[1].name for h in top], path=str(p))
-    _, lay, src, reason = top[0]
-    return Detection(lay, src, reason)
 
 
 def _model_config(base_config: PathLike | ModelConfig | None) -> ModelConfig | None:
@@ -135,7 +72,7 @@ def load_adapter(source: PathLike, *, layout: str | None = None,
                          resolve_base_config=resolve_base_config)
 
 
-def read_detected(det: Detection, *, base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
+def read_detected(det: Detected, *, base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
                   resolve_base_config: BaseConfigResolver | None = None, scan_values: bool = True) -> Adapter:
     """Read a detected source (``det.source.shapes_only`` reads shapes only); find the base model's
     config from ``base_model_name_or_path`` when none was given (a local folder, else through

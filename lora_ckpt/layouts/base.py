@@ -1,8 +1,8 @@
-"""The generic machinery every layout entry shares: locating files, parsing keys into
-(module, role), naming schemes, RoPE row order, factor orientation, lossy-content checks and
-writing. A layout entry is a subclass that sets class attributes (its data) and implements
-only its config translation: ``read_meta`` (scales and flags from its config) and
-``write_config``.
+"""The generic reader and writer every layout entry shares: locating files, grouping keys into
+modules, naming schemes (fused and renamed modules), RoPE row order, factor orientation, rank and
+scale unification, and writing. A layout entry subclasses :class:`Layout`, sets the
+:class:`~.spec.LayoutSpec` attributes (its data) and implements only its config translation:
+``detect``, ``read_meta`` (scales and flags from its config) and ``write_config``.
 """
 
 from __future__ import annotations
@@ -10,116 +10,41 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any
 
+from .. import fused
 from ..adapter import Adapter, AdapterMeta, ModuleLoRA
 from ..errors import (
     ConversionError,
+    IncompleteAdapterError,
     LayoutError,
-    LossyConversionError,
     MissingConfigError,
     UnsupportedAdapterError,
     quote_list,
 )
-from ..families import FAMILIES, Family, Fused, ModelConfig, NameMap, Scheme, is_embedding, model_config_from_dict
-from ..io import TensorMeta, load_tensors, nonfinite, read_json, save_tensors, tensor_index
+from ..families import FAMILIES, Family, Fused, ModelConfig, NameMap, model_config_from_dict
+from ..io import nonfinite, read_json, save_tensors
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
+from .lossy import drop_unsupported, lossy_parts
+from .placement import drop_zero_modules, fill_every_layer
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, LayoutSpec, Role, ScalePolicy
 
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["Layout", "ReadOptions", "Source", "WriteOptions", "nonfinite", "save_tensors"]
+
 logger = logging.getLogger(__name__)
 
-Role = Literal["A", "B", "magnitude", "bias", "emb_A", "emb_B"]
-Feature = Literal["dora", "bias", "embedding", "extra", "fan_in_fan_out"]
 
-
-@dataclass
-class Source:
-    """A resolved input: the directory, its weight file, and its config if any."""
-
-    path: Path  # what the user passed
-    root: Path  # the directory holding the files
-    weights: Path
-    config_path: Path | None = None
-    shapes_only: bool = False  # read shapes and dtypes only (inspect): no torch, no data
-    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    _index: dict[str, TensorMeta] | None = field(default=None, repr=False)
-    _config: dict[str, Any] | None = field(default=None, repr=False)
-
-    @property
-    def tensors(self) -> dict[str, Any]:
-        """The tensors (``TensorMeta`` stand-ins when ``shapes_only``)."""
-        if self.shapes_only:
-            return self.index
-        if self._tensors is None:
-            self._tensors = load_tensors(self.weights)
-        return self._tensors
-
-    @property
-    def index(self) -> dict[str, TensorMeta]:
-        if self._index is None:
-            self._index = tensor_index(self.weights)
-        return self._index
-
-    def keys(self) -> list[str]:
-        """Tensor names, read without tensor data (and without torch where possible)."""
-        return list(self.index)
-
-    @property
-    def config(self) -> dict[str, Any] | None:
-        if self._config is None and self.config_path is not None:
-            self._config = read_json(self.config_path, what=f"{self.config_path.name}")
-        return self._config
-
-    def sibling(self, name: str) -> Path | None:
-        p = self.root / name
-        return p if p.is_file() else None
-
-
-@dataclass
-class ReadOptions:
-    base_config: ModelConfig | None = None
-    alpha: float | None = None
-    scan_values: bool = True  # look for NaN/Inf (off when a bitwise comparison follows anyway)
-
-
-@dataclass
-class WriteOptions:
-    base_config: ModelConfig | None = None
-    allow_lossy: bool = False
-    dtype: torch.dtype | None = None
-
-
-class Layout:
-    """One ecosystem's adapter layout. Subclasses set the class attributes below."""
-
-    name: ClassVar[str]
-    summary: ClassVar[str]
-    weight_files: ClassVar[tuple[str, ...]]  # accepted in a directory, preferred first; [0] is written
-    config_file: ClassVar[str | None] = None
-    sidecar_files: ClassVar[tuple[str, ...]] = ()  # other small files read beside the weights (hub fetches them)
-    prefix: ClassVar[str] = ""
-    scheme: ClassVar[Scheme] = "hf"
-    leaves: ClassVar[dict[Role, str]]
-    transposed: ClassVar[bool] = False  # factors stored as A (in, r), B (r, out)
-    features: ClassVar[frozenset[Feature]] = frozenset()
-    one_rank: ClassVar[bool] = False  # the layout has a single global rank
-    one_scale: ClassVar[float | bool] = False  # single global scale (True), or a fixed value
-    pickle: ClassVar[bool] = False  # weights written with torch.save instead of safetensors
-    # The consumer puts LoRA on a projection type in every layer, and on all MLP projections or none
-    # (torchtune): writing fills the rest with zero factors (a no-op), reading drops all-zero modules.
-    every_layer: ClassVar[bool] = False
-    container_key: ClassVar[str | None] = None  # weights saved as {container_key: tensors} (LitGPT)
-    # how a fused module's LoRA is stored (lora_ckpt.fused): one shared A ("plain") or one A per part ("grouped")
-    fused_lora: ClassVar[Literal["plain", "grouped"]] = "plain"
-    legacy_names: ClassVar[dict[str, str]] = {}  # module template now -> older template accepted on read
-    single_file: ClassVar[str | None] = None  # an output path ending in this suffix is written as one file (gguf)
+class Layout(LayoutSpec):
+    """One ecosystem's adapter layout: the :class:`~.spec.LayoutSpec` data plus the machinery."""
 
     # ---------------------------------------------------------------- per-layout hooks
-    def detect(self, src: Source) -> str | None:
+    def detect(self, src: Source) -> Detection | None:
         """Why ``src`` is in this layout (None if it is not)."""
         raise NotImplementedError
 
@@ -151,33 +76,19 @@ class Layout:
     def locate(self, path: Path) -> Source | None:
         """The source files of this layout at ``path`` (a file or directory), if present."""
         if path.is_file():
-            root = path.parent
-            weights = path
+            root, weights = path.parent, path
         else:
             root = path
-            weights = next((path / n for n in self.weight_files if (path / n).is_file()), None)
-            if weights is None:
+            found = next((path / n for n in self.weight_files if (path / n).is_file()), None)
+            if found is None:
                 return None
+            weights = found
         cfg = root / self.config_file if self.config_file and (root / self.config_file).is_file() else None
-        return Source(path=path, root=root, weights=weights, config_path=cfg)
+        return Source(path=path, root=root, weights=weights, config_path=cfg, config_reader=self.read_config)
 
-    # -------------------------------------------------------------------- keys
-    def _leaf_regex(self) -> re.Pattern[str]:
-        leaves = sorted(self.leaves.values(), key=len, reverse=True)
-        return re.compile(rf"^{re.escape(self.prefix)}(?P<module>.+?)\.(?P<leaf>{'|'.join(map(re.escape, leaves))})$")
-
-    def split(self, key: str) -> tuple[str, Role] | None:
-        """``key`` -> (module name in this layout's scheme, role), or None for other tensors."""
-        m = self._leaf_regex().match(key)
-        if not m:
-            return None
-        roles = [r for r, leaf in self.leaves.items() if leaf == m["leaf"]]
-        if len(roles) > 1:  # one leaf for Linear and Embedding factors (mlx-lm): the module decides
-            roles = [r for r in roles if r.startswith("emb_") == is_embedding(m["module"])] or roles
-        return m["module"], roles[0]
-
-    def key(self, module: str, role: Role) -> str:
-        return f"{self.prefix}{module}.{self.leaves[role]}"
+    def read_config(self, path: Path) -> dict[str, Any]:
+        """The layout's config file as a dict (JSON unless the layout says otherwise)."""
+        return read_json(path, what=path.name)
 
     # ------------------------------------------------------------------ reading
     def read(self, src: Source, opts: ReadOptions) -> Adapter:
@@ -198,7 +109,7 @@ class Layout:
         names_family = family if family is not None or self.scheme == "hf" else self._guess_family(groups)
         raw: dict[str, ModuleLoRA] = {}
         for name, parts in groups.items():
-            for mod_name, m in self.modules_of(src, self._current_name(name), parts, names_family).items():
+            for mod_name, m in self.modules_of(src, self.current_name(name), parts, names_family).items():
                 if mod_name in raw:
                     raise LayoutError(f"{src.path}: two {self.name} modules are named {mod_name!r}; expected one; "
                                       "the file mixes two namings of the same module", layout=self.name,
@@ -207,13 +118,12 @@ class Layout:
         if not raw:
             raise LayoutError(f"{src.path}: no adapter tensors (keys ending in {quote_list(self.leaves.values())}); "
                               "the adapter is empty", layout=self.name, path=str(src.path))
-        adapter = Adapter(modules=raw, extra={k[len(self.prefix):] if k.startswith(self.prefix) else k: v
-                                              for k, v in extra.items()},
+        adapter = Adapter(modules=raw, extra={k.removeprefix(self.prefix): v for k, v in extra.items()},
                           meta=AdapterMeta(family=family.name if family else None, source_layout=self.name,
                                            source_path=str(src.path), config=dict(src.config or {}),
                                            model_config=model_cfg))
         self.read_meta(src, adapter, opts)  # the config describes the file's modules: before fusing/splitting
-        adapter.modules = self._to_hf(src, raw, names_family, model_cfg)
+        adapter.modules = self.to_hf(src, raw, names_family, model_cfg)
         if model_cfg is not None:
             model_cfg.check_modules(adapter.modules, source=str(src.path))
         if not src.shapes_only:  # row order does not change shapes
@@ -227,17 +137,10 @@ class Layout:
         adapter.check()
         return adapter
 
-    def _current_name(self, name: str) -> str:
-        for now, old in self.legacy_names.items():
-            current = NameMap({now: old}).to_hf(name)
-            if current is not None:
-                return current
-        return name
-
     def _guess_family(self, groups: dict[str, Any]) -> Family:
         """Without a model config, find the family whose names know every module (for the names
         only; RoPE and fused q/k/v rows still need the config)."""
-        names = [self._current_name(n) for n in groups]
+        names = [self.current_name(n) for n in groups]
         for fam in FAMILIES.values():
             if self.scheme in fam.maps:
                 nm = fam.names(self.scheme).modules
@@ -247,13 +150,11 @@ class Layout:
         raise LayoutError(f"no model family's {self.scheme} names fit modules {quote_list(groups)}",
                           layout=self.name)
 
-    def _to_hf(self, src: Source, raw: dict[str, ModuleLoRA], family: Family | None,
+    def to_hf(self, src: Source, raw: dict[str, ModuleLoRA], family: Family | None,
                model_cfg: ModelConfig | None) -> dict[str, ModuleLoRA]:
         """Modules named in this layout's scheme -> HF names, splitting/fusing what the family fuses."""
         if self.scheme == "hf" or family is None:
             return raw
-        from .. import fused
-
         entries = family.fused.get(self.scheme, ())
         enabled = {fe: on for fe in entries if (on := self.enabled_parts(src, fe)) is not None}
         split, used = fused.separate(entries, raw, model_cfg, to_hf=True, grouped=self.fused_lora == "grouped",
@@ -277,10 +178,8 @@ class Layout:
 
     def _module(self, src: Source, name: str, parts: dict[Role, torch.Tensor]) -> ModuleLoRA:
         emb = "emb_A" in parts or "emb_B" in parts
-        a_role, b_role = ("emb_A", "emb_B") if emb else ("A", "B")
+        a_role, b_role = ("emb_A", "emb_B") if emb else ("A", "B")  # type: tuple[Role, Role]
         if a_role not in parts or b_role not in parts:
-            from ..errors import IncompleteAdapterError
-
             have, miss = (a_role, b_role) if a_role in parts else (b_role, a_role)
             raise IncompleteAdapterError(
                 f"{src.path}: module {name!r} has {self.leaves[have]} but no {self.leaves[miss]}; expected both; "
@@ -301,11 +200,12 @@ class Layout:
         """Tensors that are not adapter factors: refused unless the layout carries full tensors; and
         never a tensor that looks like an adapter factor under another prefix (consumers skip those
         silently)."""
-        stray = [k for k in extra if re.search(rf"\.({'|'.join(map(re.escape, self.leaves.values()))})$", k)]
+        stray = [k for k in extra if re.search(rf"\.({self.leaf_pattern()})$", k)]
         if stray:
             raise LayoutError(
-                f"{src.path}: adapter tensor(s) without the {self.name} key prefix {self.prefix!r}: {quote_list(stray)}; "
-                "consumers ignore such keys silently; fix the prefix (or pass --from with the right layout)",
+                f"{src.path}: adapter tensor(s) without the {self.name} key prefix {self.prefix!r}: "
+                f"{quote_list(stray)}; consumers ignore such keys silently; fix the prefix (or pass --from with the "
+                "right layout)",
                 layout=self.name, path=str(src.path))
         if extra and "extra" not in self.features:
             raise LayoutError(
@@ -345,39 +245,20 @@ class Layout:
     # ------------------------------------------------------------------ writing
     def lossy_parts(self, adapter: Adapter) -> list[str]:
         """What this layout cannot hold, as readable items."""
-        out = []
-        if adapter.uses_dora and "dora" not in self.features:
-            out.append("DoRA magnitudes")
-        if adapter.uses_bias and "bias" not in self.features:
-            out.append("LoRA biases (lora_B.bias)")
-        if any(m.kind == "embedding" for m in adapter.modules.values()) and "embedding" not in self.features:
-            out.append("embedding LoRA (" + ", ".join(n for n, m in adapter.modules.items() if m.kind == "embedding") + ")")
-        if adapter.extra and "extra" not in self.features:
-            out.append("full tensors (modules_to_save / saved embeddings: " + quote_list(adapter.extra, 3) + ")")
-        if any(m.fan_in_fan_out for m in adapter.modules.values()) and "fan_in_fan_out" not in self.features:
-            out.append("fan_in_fan_out (Conv1D) modules")
-        return out
+        return lossy_parts(adapter, self.features)
 
     def drop_unsupported(self, adapter: Adapter, *, allow_lossy: bool) -> Adapter:
         """``adapter`` without what this layout cannot hold (only with ``allow_lossy``)."""
-        lossy = self.lossy_parts(adapter)
-        if not lossy:
-            return adapter
-        if not allow_lossy:
-            raise LossyConversionError(
-                f"{self.name} cannot hold {'; '.join(lossy)}; expected an adapter without them; convert to "
-                "another layout, or pass --allow-lossy to drop them", dropped=lossy)
-        logger.warning("dropping what %s cannot hold: %s", self.name, "; ".join(lossy))
-        return _drop(adapter, self.features)
+        return drop_unsupported(adapter, self.features, layout=self.name, allow_lossy=allow_lossy)
 
     def prepare(self, adapter: Adapter, opts: WriteOptions) -> Adapter:
         """Drop what cannot be held (only with allow_lossy), unify rank/scale as the layout needs."""
         adapter = self.drop_unsupported(adapter, allow_lossy=opts.allow_lossy)
         adapter = adapter.cast(opts.dtype)
-        fixed = None if isinstance(self.one_scale, bool) else float(self.one_scale)
+        fixed = self.fixed_scale if self.scale_policy is ScalePolicy.FIXED else None
         if fixed is not None:
             adapter = replace(adapter, modules={n: m.rescaled(fixed) for n, m in adapter.modules.items()})
-        if self.one_rank or self.one_scale is True:
+        if self.one_rank or self.scale_policy is ScalePolicy.GLOBAL:
             if len(adapter.scales()) > 1 or len(adapter.ranks()) > 1:
                 logger.info("%s has one rank and one scale: ranks zero-padded to the largest, scale differences "
                             "folded into lora_B (exact up to float32 rounding)", self.name)
@@ -397,7 +278,7 @@ class Layout:
         family = cfg.family if cfg else FAMILIES.get(adapter.meta.family or "")
         if self.scheme != "hf" and family is not None and family.fused.get(self.scheme):
             try:
-                return max(m.B.shape[1] for m in self._from_hf(adapter.modules, family, cfg).values())
+                return max(m.B.shape[1] for m in self.from_hf(adapter.modules, family, cfg).values())
             except ConversionError:
                 pass  # reported with its full message by tensors_for
         return max(adapter.ranks(), default=0)
@@ -411,7 +292,7 @@ class Layout:
         if self.scheme != "hf" and names is None:
             raise MissingConfigError(f"{self.name} names modules by model family; pass --base-config")
         out: dict[str, torch.Tensor] = {}
-        modules = self._from_hf(work.modules, family, model_cfg)
+        modules = self.from_hf(work.modules, family, model_cfg)
         if self.one_rank and self.fused_lora == "plain":  # split parts can come out below the one rank
             rank = max((m.rank for m in modules.values()), default=0)
             modules = {n: m.padded(rank) if m.rank < rank else m for n, m in modules.items()}
@@ -427,13 +308,11 @@ class Layout:
             out[self.prefix + k] = v.contiguous()
         return out
 
-    def _from_hf(self, modules: dict[str, ModuleLoRA], family: Family | None,
+    def from_hf(self, modules: dict[str, ModuleLoRA], family: Family | None,
                  model_cfg: ModelConfig | None) -> dict[str, ModuleLoRA]:
         """HF-named modules -> this layout's scheme, splitting/fusing what the family fuses."""
         if self.scheme == "hf" or family is None:
             return modules
-        from .. import fused
-
         entries = family.fused.get(self.scheme, ())
         split, used = fused.separate(entries, modules, model_cfg, to_hf=False)
         joined, used2 = fused.join(entries, {n: m for n, m in modules.items() if n not in used}, model_cfg,
@@ -462,73 +341,4 @@ class Layout:
         self.write_config(adapter, out, replace(opts, base_config=model_cfg))
         return adapter
 
-
-_LAYER_RE = re.compile(r"^(?P<pre>.*\.layers\.)(?P<i>\d+)\.(?P<rest>.+)$")
-# the MLP projections a consumer adapts together (split, or Phi-3's fused gate_up_proj)
-_MLP_GROUPS = (("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), ("mlp.gate_up_proj", "mlp.down_proj"))
-
-
-def fill_every_layer(adapter: Adapter, cfg: ModelConfig | None, *, layout: str) -> Adapter:
-    """Zero factors for every (layer, projection type) the adapter lacks, where the consumer adapts
-    a type in all layers and the MLP projections together. Exact for LoRA (B = 0 adds nothing);
-    refused for DoRA (a zero-update DoRA module still rescales rows)."""
-    import torch
-
-    from ..adapter import ModuleLoRA
-
-    by_type: dict[tuple[str, str], set[int]] = {}
-    for name in adapter.modules:
-        m = _LAYER_RE.match(name)
-        if m:
-            by_type.setdefault((m["pre"], m["rest"]), set()).add(int(m["i"]))
-    if not by_type:
-        return adapter
-    for pre in {p for p, _ in by_type}:
-        present = {t for p, t in by_type if p == pre and t.startswith("mlp.")}
-        group = next((g for g in _MLP_GROUPS if present and present <= set(g)), ())
-        for t in group:
-            by_type.setdefault((pre, t), set())
-    n_layers = (cfg.raw.get("num_hidden_layers") or cfg.raw.get("n_layers")) if cfg else None
-    n_layers = int(n_layers or max(i for layers in by_type.values() for i in layers) + 1)
-    missing = [f"{pre}{i}.{rest}" for (pre, rest), layers in by_type.items() for i in range(n_layers)
-               if i not in layers]
-    if not missing:
-        return adapter
-    if adapter.uses_dora:
-        raise ConversionError(
-            f"{layout} adapts every layer (and all MLP projections) but this DoRA adapter lacks {quote_list(missing, 3)}; "
-            "zeros are not a no-op for DoRA; convert to a layout that keeps placement (peft, native)")
-    ref = next(iter(adapter.modules.values()))
-    fill = {}
-    for name in missing:
-        rest = _LAYER_RE.match(name)["rest"]  # type: ignore[index]
-        like = next((m for n, m in adapter.modules.items() if n.endswith("." + rest)), None)
-        shape = (like.B.shape[0], like.A.shape[1]) if like is not None else cfg.expected_shape(name) if cfg else None
-        if shape is None:
-            raise MissingConfigError(f"{layout} needs {name!r} written as zeros, and its shape needs the base "
-                                     "config; pass --base-config")
-        fill[name] = ModuleLoRA(A=torch.zeros(ref.rank, shape[1], dtype=ref.A.dtype),
-                                B=torch.zeros(shape[0], ref.rank, dtype=ref.B.dtype), scale=ref.scale)
-    logger.info("%s adapts every layer: %d module(s) written as zeros (a no-op)", layout, len(fill))
-    return replace(adapter, modules={**adapter.modules, **fill})
-
-
-def drop_zero_modules(adapter: Adapter) -> None:
-    """Remove all-zero modules (a layout's placement filler) unless every module is zero."""
-    zero = [n for n, m in adapter.modules.items() if m.magnitude is None and m.bias is None
-            and not bool(m.A.any()) and not bool(m.B.any())]
-    if zero and len(zero) < len(adapter.modules):
-        for n in zero:
-            del adapter.modules[n]
-        adapter.meta.notes.append(f"{len(zero)} all-zero module(s) read as absent (placement fillers; a no-op)")
-
-
-def _drop(adapter: Adapter, features: frozenset[str]) -> Adapter:
-    mods = {}
-    for n, m in adapter.modules.items():
-        if m.kind == "embedding" and "embedding" not in features:
-            continue
-        mods[n] = replace(m, magnitude=m.magnitude if "dora" in features else None,
-                          bias=m.bias if "bias" in features else None)
-    return Adapter(mods, adapter.extra if "extra" in features else {}, adapter.meta)
 

@@ -1,14 +1,11 @@
-"""llama.cpp's LoRA GGUF: one ``.gguf`` file, what ``convert_lora_to_gguf.py`` writes (formats.md, issue #16).
+"""llama.cpp's LoRA GGUF: one ``.gguf`` file, byte for byte what ``convert_lora_to_gguf.py`` writes.
 
-KV ``general.architecture`` (the base's llama.cpp architecture), ``general.type = "adapter"``,
-``adapter.type = "lora"``, ``adapter.lora.alpha`` (FLOAT32: a FLOAT64 alpha makes llama.cpp abort),
-the ``general.*`` metadata gguf-py's ``Metadata`` derives from the adapter directory, and
-``general.quantization_version``. Tensors ``<gguf base name>.lora_a`` (r, in) / ``.lora_b``
-(out, r) in torch order (ggml ``ne`` reversed), ``token_embd``'s lora_a transposed, the Llama
-q/k rows of lora_b in Meta (interleaved) order, MoE experts stacked into 3-D tensors, F32 unless
-``dtype`` says F16/BF16. llama.cpp scales each tensor pair by ``alpha / rank(lora_b)`` (1 if alpha
-is 0): per-module ranks are kept as they are; any other scale (rsLoRA, ``alpha_pattern``) is
-folded into lora_b. DoRA, LoRA biases and full tensors have no place in the format.
+KV (:func:`lora_ckpt.io.gguf.adapter_kv`): architecture, ``general.type = "adapter"``, ``adapter.type
+= "lora"``, gguf-py's ``general.*`` metadata, ``adapter.lora.alpha`` as FLOAT32 (FLOAT64 makes llama.cpp
+abort). Tensors ``<gguf name>.lora_a`` (r, in) / ``.lora_b`` (out, r) in torch order, ``token_embd``'s
+lora_a transposed, Llama q/k lora_b rows in Meta order, MoE experts stacked, F32 (or F16/BF16).
+llama.cpp scales a pair by ``alpha / rank(lora_b)`` (1 if alpha is 0): per-module ranks are kept,
+other scales (rsLoRA, ``alpha_pattern``) folded into lora_b; DoRA, biases and full tensors refused.
 
 :func:`llamacpp_rules` is the one rule set ``convert --to gguf`` and ``check --for llama.cpp`` share.
 """
@@ -34,31 +31,38 @@ from ..errors import (
     quote_list,
 )
 from ..families import FAMILIES, ModelConfig, load_model_config
+from ..families.gguf import GgufNames, family_for_arch, gguf_names
+from ..io import TensorMeta
 from ..io.gguf import (
     FLOAT32,
-    TENSOR_TYPES,
+    GGML_TYPES,
+    KV,
     GgufFile,
+    GgufValue,
+    TensorEntry,
+    adapter_kv,
     is_gguf,
+    load_gguf_tensors,
     read_gguf_header,
+    tensor_entry,
+    total_parameters,
     write_gguf,
 )
-from ..io.index import TensorMeta
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
-from .base import Layout, ReadOptions, Role, Source, WriteOptions
-from .gguf_names import GgufNames, family_for_arch, gguf_names
-from .gguf_write import GGML_TYPES, gguf_kv, gguf_tensors
+from .base import Layout, ReadOptions, Source, WriteOptions
+from .spec import Detection, Role
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 __all__ = ["GgufLayout", "LlamaCppRules", "llamacpp_rules"]
 
 logger = logging.getLogger(__name__)
 
 _PAIR = re.compile(r"^(?P<base>.+)\.lora_(?P<ab>[ab])$")
+Tensors = list[TensorEntry]
 
 
-# ------------------------------------------------------------------------------ the rules
 @dataclass
 class LlamaCppRules:
     """What llama.cpp can apply of an adapter: ``refused`` parts (DoRA, biases, full tensors ...)
@@ -87,16 +91,11 @@ def llamacpp_rules(adapter: Adapter) -> LlamaCppRules:
     # alpha = the most common scale*rank (exact for PEFT's alpha/r); 0 when every scale is 1 (no alpha)
     products = {n: float(alpha_for(m.scale, m.rank)) for n, m in adapter.modules.items()}
     rules.alpha = Counter(products.values()).most_common(1)[0][0] if products else 0.0
-    alpha32 = _f32(rules.alpha)
+    alpha32 = ctypes.c_float(rules.alpha).value
     rules.folded = [n for n, p in products.items() if abs(p - alpha32) > 1e-7 * max(abs(p), abs(alpha32))]
     return rules
 
 
-def _f32(x: float) -> float:
-    return ctypes.c_float(x).value
-
-
-# ------------------------------------------------------------------------------ source
 @dataclass
 class GgufSource(Source):
     """A ``.gguf`` file: its header parsed once; tensors memory-mapped on demand."""
@@ -118,36 +117,10 @@ class GgufSource(Source):
         if self.shapes_only:
             return self.index
         if self._tensors is None:
-            self._tensors = _load(self.header)
+            self._tensors = load_gguf_tensors(self.header)
         return self._tensors
 
 
-def _load(header: GgufFile) -> dict[str, torch.Tensor]:
-    import mmap
-
-    import torch
-
-    bad = [f"{n} ({t.dtype})" for n, t in header.tensors.items() if t.ggml_type not in TENSOR_TYPES]
-    if bad:
-        raise UnsupportedAdapterError(
-            f"{header.path}: quantized tensors {quote_list(bad, 3)}; lora-ckpt reads F32/F16/BF16 GGUF adapters; "
-            "re-export the adapter with --outtype f32, f16 or bf16", layout="gguf", path=header.path)
-    with open(header.path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    out = {}
-    for name, t in header.tensors.items():
-        dtype = getattr(torch, t.dtype)
-        numel = t.nbytes // TENSOR_TYPES[t.ggml_type][1]
-        if numel == 0:
-            out[name] = torch.empty(t.shape, dtype=dtype)
-        elif t.begin % TENSOR_TYPES[t.ggml_type][1]:
-            out[name] = torch.frombuffer(bytearray(mm[t.begin:t.begin + t.nbytes]), dtype=dtype).reshape(t.shape)
-        else:
-            out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=t.begin).reshape(t.shape)
-    return out
-
-
-# ------------------------------------------------------------------------------ layout
 class GgufLayout(Layout):
     name = "gguf"
     summary = "llama.cpp LoRA adapter .gguf (convert_lora_to_gguf.py's output; Ollama ADAPTER, llama-cli --lora)"
@@ -165,11 +138,10 @@ class GgufLayout(Layout):
                                            "pass the file itself", path=path, candidates=[f.name for f in found])
         return GgufSource(path=path, root=path, weights=found[0]) if found else None
 
-    def weight_file_in(self, names: list[str]) -> str | None:
-        found = [n for n in names if n.endswith(".gguf") and "/" not in n]
-        return found[0] if len(found) == 1 else None
+    def weight_file_in(self, names: list[str]) -> str | None:  # the one *.gguf of a Hub folder
+        return found[0] if len(found := [n for n in names if n.endswith(".gguf") and "/" not in n]) == 1 else None
 
-    def detect(self, src: Source) -> tuple[int, str] | None:  # type: ignore[override]  # as every layout
+    def detect(self, src: Source) -> Detection | None:
         h = src.header  # type: ignore[attr-defined]
         kind, lora = h.get("general.type"), h.get("adapter.type")
         if kind != "adapter" or lora != "lora":
@@ -178,9 +150,8 @@ class GgufLayout(Layout):
                 "LoRA adapter; lora-ckpt reads llama.cpp LoRA adapters (general.type 'adapter', adapter.type 'lora')",
                 layout=self.name, path=str(src.weights))
         arch = h.get("general.architecture")
-        return 3, f"GGUF with general.type 'adapter', adapter.type 'lora', architecture {arch!r}"
+        return Detection(3, f"GGUF with general.type 'adapter', adapter.type 'lora', architecture {arch!r}")
 
-    # ------------------------------------------------------------------ reading
     def read(self, src: Source, opts: ReadOptions) -> Adapter:
         h: GgufFile = src.header  # type: ignore[attr-defined]
         self.detect(src)
@@ -243,36 +214,41 @@ class GgufLayout(Layout):
         adapter.check()
         return adapter
 
-    # ------------------------------------------------------------------ writing
     def lossy_parts(self, adapter: Adapter) -> list[str]:
         return [f"{what} ({quote_list(names, 3)})" for what, names in llamacpp_rules(adapter).refused.items()]
 
+    def drop_unsupported(self, adapter: Adapter, *, allow_lossy: bool) -> Adapter:
+        """PEFT's copies of base embeddings (``*.base_layer.weight``) are not written (the converter
+        skips them too); the rest as the lossy policy says."""
+        copies = llamacpp_rules(adapter).base_copies
+        if copies:
+            logger.info("not written: %s (PEFT's copy of the base embedding; convert_lora_to_gguf.py skips it too)",
+                        quote_list(copies, 2))
+            adapter = replace(adapter, extra={k: v for k, v in adapter.extra.items() if k not in copies})
+        return super().drop_unsupported(adapter, allow_lossy=allow_lossy)
+
     def prepare(self, adapter: Adapter, opts: WriteOptions) -> Adapter:
+        import torch
+
         rules = llamacpp_rules(adapter)
         adapter = self.drop_unsupported(adapter, allow_lossy=opts.allow_lossy)
-        if rules.base_copies:
-            logger.info("not written: %s (PEFT's copy of the base embedding; convert_lora_to_gguf.py skips it too)",
-                        quote_list(rules.base_copies, 2))
-        adapter = replace(adapter, extra={})
         dtype = opts.dtype
         if dtype is not None and str(dtype).removeprefix("torch.") not in GGML_TYPES:
             raise ConfigError(f"--dtype {dtype}: GGUF adapters are written as float32, float16 or bfloat16")
-        import torch
-
-        if dtype is None and adapter.meta.source_layout != self.name:  # a GGUF source keeps its types
+        if dtype is None and adapter.meta.source_layout != self.name:  # a GGUF source keeps its types; else
             dtype = torch.float32  # convert_lora_to_gguf.py's default --outtype f32
         adapter = adapter.cast(dtype)
-        alpha = _f32(rules.alpha)
+        alpha = ctypes.c_float(rules.alpha).value
         if rules.folded:
             logger.info("llama.cpp scales by alpha/rank (alpha %g): %d module(s) with another scale (rsLoRA, "
                         "alpha_pattern) have it folded into lora_b (exact up to float32 rounding)", alpha,
                         len(rules.folded))
         mods = {n: (m.rescaled(alpha / m.rank if alpha else 1.0) if n in rules.folded else
                     replace(m, scale=alpha / m.rank if alpha else 1.0)) for n, m in adapter.modules.items()}
-        return replace(adapter, modules=mods, meta=replace(adapter.meta, config={**adapter.meta.config,
-                                                                                 "__gguf_alpha__": alpha}))
+        return replace(adapter, modules=mods)
 
     def write(self, adapter: Adapter, out: Path, opts: WriteOptions) -> Adapter:
+        alpha = ctypes.c_float(llamacpp_rules(adapter).alpha).value  # what prepare folds to
         adapter = self.prepare(adapter, opts)
         cfg = opts.base_config or adapter.meta.model_config
         family = cfg.family.name if cfg and cfg.family else adapter.meta.family
@@ -283,17 +259,16 @@ class GgufLayout(Layout):
         work = Adapter({n: replace(m) for n, m in adapter.modules.items()}, meta=adapter.meta)
         if names.permuted:
             _permute(work, cfg, to_hf=False)
-        tensors = gguf_tensors(work, names, cfg)
-        path = out if out.is_file() else out / self.weight_files[0]
-        out.mkdir(parents=True, exist_ok=True) if not out.is_file() else None
-        kv = gguf_kv(adapter, names, tensors, alpha=adapter.meta.config["__gguf_alpha__"], base_config=cfg)
-        write_gguf(path, kv, tensors)
+        tensors = _tensors(work, names, cfg)
+        if not out.is_file():  # a folder (push): the file inside it
+            out.mkdir(parents=True, exist_ok=True)
+            out = out / self.weight_files[0]
+        write_gguf(out, _kv(adapter, names, tensors, alpha=alpha, base_config=cfg), tensors)
         return adapter
 
 
 def _model_config(src: Source, h: GgufFile, opts: ReadOptions) -> tuple[ModelConfig | None, str | None]:
-    """The base config (``--base-config``, else ``general.base_model.0.repo_url`` when it is a local
-    folder with a config.json) and the base model id the file records."""
+    """The base config (``--base-config``, else a local ``general.base_model.0.repo_url``) and that id."""
     url = h.get("general.base_model.0.repo_url")
     base = url.removeprefix("https://huggingface.co/") if isinstance(url, str) else None
     if opts.base_config is not None:
@@ -311,7 +286,9 @@ def _modules(src: Source, names: GgufNames, tname: str, a: Any, b: Any) -> dict[
         if mods is None:
             raise UnsupportedAdapterError(f"{src.weights}: stacked tensor {tname!r} is no {names.arch} expert tensor "
                                           "lora-ckpt can name", layout="gguf", path=str(src.weights))
-        return {name: ModuleLoRA(A=_expert(a, e), B=_expert(b, e), scale=1.0) for e, name in enumerate(mods)}
+        def expert(t: Any, e: int) -> Any:  # a view of one expert (its shape only when inspecting)
+            return TensorMeta(t.shape[1:], t.dtype) if isinstance(t, TensorMeta) else t[e]
+        return {name: ModuleLoRA(A=expert(a, e), B=expert(b, e), scale=1.0) for e, name in enumerate(mods)}
     if hf is None:
         raise UnsupportedAdapterError(
             f"{src.weights}: tensor {tname!r} names no {names.family} module lora-ckpt knows (expected names like "
@@ -322,11 +299,6 @@ def _modules(src: Source, names: GgufNames, tname: str, a: Any, b: Any) -> dict[
     if tname == "token_embd.weight":  # llama.cpp's llm_build_inp_embd takes lora_a transposed
         return {hf: ModuleLoRA(A=a.T, B=b, scale=1.0, kind="embedding")}
     return {hf: ModuleLoRA(A=a, B=b, scale=1.0)}
-
-
-def _expert(t: Any, e: int) -> Any:
-    """Expert ``e`` of a stacked tensor (a view), or of its shape when only shapes are read."""
-    return TensorMeta(t.shape[1:], t.dtype) if isinstance(t, TensorMeta) else t[e]
 
 
 def _permute(adapter: Adapter, cfg: ModelConfig | None, *, to_hf: bool) -> None:
@@ -345,3 +317,84 @@ def _permute(adapter: Adapter, cfg: ModelConfig | None, *, to_hf: bool) -> None:
         m = adapter.modules[name]
         n = cfg.n_heads if name.endswith("q_proj") else cfg.n_kv_heads
         m.B = perm(m.B, n, m.B.shape[0] // n)
+
+
+def _peft_order(names: list[str], adapter: Adapter) -> list[str]:
+    """Modules in the order the converter meets them: first key in sorted PEFT key order."""
+    def first(n: str) -> str:
+        return f"base_model.model.{n}." + ("lora_embedding_A" if adapter.modules[n].kind == "embedding"
+                                           else "lora_A.weight")
+    return sorted(names, key=first)
+
+
+def _tensors(adapter: Adapter, names: GgufNames, cfg: ModelConfig | None) -> Tensors:
+    """(name, shape, ggml type, nbytes, data) of every tensor, in the converter's order: pairs as
+    their modules come, a layer's stacked experts when its last expert comes (in the converter's
+    projection order)."""
+    import torch
+
+    experts: dict[str, dict[int, str]] = {}  # stacked gguf tensor -> expert index -> module
+    for n in adapter.modules:
+        if (hit := names.expert(n)) is not None:
+            experts.setdefault(hit[0], {})[hit[1]] = n
+    layer_of = {mod: names.block(g) for g, d in experts.items() for mod in d.values()}
+    order = _peft_order(list(adapter.modules), adapter)
+    last = {layer_of[n]: n for n in order if n in layer_of}
+    out: Tensors = []
+    unnamed = []
+    for n in order:
+        m = adapter.modules[n]
+        if n in layer_of:
+            if last[layer_of[n]] == n:
+                out += _stacked(adapter, names, experts, layer_of[n], cfg, torch)
+            continue
+        g = names.modules.to_other(n)
+        if g is None:
+            unnamed.append(n)
+            continue
+        A = m.A.T if m.kind == "embedding" else m.A  # llm_build_inp_embd takes token_embd's lora_a transposed
+        out += [tensor_entry(f"{g}.lora_a", A), tensor_entry(f"{g}.lora_b", m.B)]
+    if unnamed:
+        raise UnsupportedAdapterError(
+            f"{len(unnamed)} module(s) have no llama.cpp {names.arch} tensor name ({quote_list(unnamed, 3)}); "
+            f"llama.cpp's {names.family} models have {quote_list(list(names.modules.table), 4)}", layout="gguf")
+    return out
+
+
+def _stacked(adapter: Adapter, names: GgufNames, experts: dict[str, dict[int, str]], layer: int | None,
+             cfg: ModelConfig | None, torch: Any) -> Tensors:
+    out: Tensors = []
+    for w in names.expert_order:
+        for g, d in experts.items():
+            if names.block(g) != layer or not next(iter(d.values())).endswith("." + w):
+                continue
+            n_exp = cfg.n_experts if cfg and cfg.n_experts else max(d) + 1
+            if sorted(d) != list(range(n_exp)):
+                raise UnsupportedAdapterError(
+                    f"{g}: LoRA on experts {sorted(d)} of {n_exp}; llama.cpp stacks every expert of a layer into one "
+                    "tensor pair (the converter needs all of them); merge the adapter instead", layout="gguf")
+            mods = [adapter.modules[d[e]] for e in range(n_exp)]
+            r = max(m.rank for m in mods)
+            mods = [m.padded(r) for m in mods]  # one rank per stacked tensor: zero padding is exact
+            out += [tensor_entry(f"{g}.lora_a", torch.stack([m.A for m in mods])),
+                    tensor_entry(f"{g}.lora_b", torch.stack([m.B for m in mods]))]
+    return out
+
+
+def _kv(adapter: Adapter, names: GgufNames, tensors: Tensors, *, alpha: float, base_config: ModelConfig | None) -> KV:
+    """The converter's KV (:func:`lora_ckpt.io.gguf.adapter_kv`): metadata from the source directory
+    (the name of the base config's folder when gguf-py finds none), a GGUF source's own kept."""
+    cfg = adapter.meta.config or {}
+    src = Path(adapter.meta.source_path or ".")
+    root = src if src.is_dir() else src.parent
+    if adapter.meta.source_layout == "gguf":
+        skip = {"general.architecture", "general.type", "general.quantization_version", "general.alignment"}
+        kept: KV | None = {k: v for k, v in cfg.items() if k.startswith("general.") and k not in skip}
+        tokens = cfg.get("adapter.alora.invocation_tokens")
+    else:
+        kept, tokens = None, cfg.get("alora_invocation_tokens")
+    tokens = tokens.value if isinstance(tokens, GgufValue) else tokens
+    fallback = Path(base_config.source).parent.name if base_config and base_config.source else root.name
+    return adapter_kv(arch=names.arch, alpha=alpha, card_dir=root, fallback_name=fallback, kept=kept,
+                      total_params=total_parameters((n, shape) for n, shape, *_ in tensors),
+                      alora_tokens=tokens if isinstance(tokens, list) else None)

@@ -36,12 +36,14 @@ import logging
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..adapter import Adapter, alpha_for
 from ..errors import ConfigError, MissingConfigError
 from ..families import Fused, ModelConfig, model_config_from_dict
-from .base import Layout, ReadOptions, Source, WriteOptions
+from .base import Layout
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, Role, ScalePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,6 @@ HPARAMS = "hyperparameters.yaml"
 #: LitGPT's lora flags -> the HF leaf names they adapt (litgpt/lora.py Config)
 FLAGS = {"lora_query": ("q_proj",), "lora_key": ("k_proj",), "lora_value": ("v_proj",),
          "lora_projection": ("o_proj",), "lora_mlp": ("gate_proj", "up_proj", "down_proj"), "lora_head": ("lm_head",)}
-_LAYER = re.compile(r"^transformer\.h\.(?P<i>\d+)\.(?P<rest>.+)$")
 
 
 def read_yaml_scalars(path: Path) -> dict[str, Any]:
@@ -86,35 +87,33 @@ def _scalar(v: str) -> Any:
 
 class LitgptLayout(Layout):
     name = "litgpt"
+    order = 80
     summary = "LitGPT lit_model.pth.lora + hyperparameters.yaml (fused attn.qkv, bare lora_A/lora_B)"
     weight_files = ("lit_model.pth.lora",)
     config_file = HPARAMS
     sidecar_files = ("model_config.yaml", "config.json")  # LitGPT's and HF's model configs (head counts)
     scheme = "litgpt"
-    leaves = {"A": "lora_A", "B": "lora_B"}
+    leaves: ClassVar[dict[Role, str]] = {"A": "lora_A", "B": "lora_B"}
     one_rank = True
-    one_scale = True
+    scale_policy = ScalePolicy.GLOBAL
     pickle = True
     fused_lora = "grouped"
     every_layer = True  # LitGPT's lora_query/.../lora_mlp flags adapt every block, and merge_lora loads strictly
     container_key = "model"  # as LitGPT's save_lora_checkpoint: torch.save({"model": lora tensors})
-    legacy_names = {"transformer.h.{}.attn.qkv": "transformer.h.{}.attn.attn"}
+    legacy_names: ClassVar[dict[str, str]] = {"transformer.h.{}.attn.qkv": "transformer.h.{}.attn.attn"}
 
-    def locate(self, path: Path) -> Source | None:
-        src = super().locate(path)
-        if src is not None and src.config_path is not None:
-            src._config = read_yaml_scalars(src.config_path)
-        return src
+    def read_config(self, path: Path) -> dict[str, Any]:
+        return read_yaml_scalars(path)
 
-    def detect(self, src: Source) -> tuple[int, str] | None:
+    def detect(self, src: Source) -> Detection | None:
         keys = src.keys()
         if not keys or not all(self.split(k) for k in keys):
             return None
-        if not any(k.startswith("transformer.h.") or k.startswith("lm_head.") for k in keys):
+        if not any(k.startswith(("transformer.h.", "lm_head.")) for k in keys):
             return None
         if src.weights.name == self.weight_files[0]:
-            return 3, f"{src.weights.name} with LitGPT keys (transformer.h.N..., bare lora_A/lora_B)"
-        return 2, "LitGPT keys (transformer.h.N..., bare lora_A/lora_B)"
+            return Detection(3, f"{src.weights.name} with LitGPT keys (transformer.h.N..., bare lora_A/lora_B)")
+        return Detection(2, "LitGPT keys (transformer.h.N..., bare lora_A/lora_B)")
 
     def implied_model_config(self, src: Source) -> ModelConfig | None:
         cfg = super().implied_model_config(src)

@@ -7,30 +7,33 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..adapter import Adapter
 from ..errors import ConfigError, MissingConfigError
 from ..families import ModelConfig, model_config_from_dict
-from .base import Layout, ReadOptions, Source, WriteOptions
+from .base import Layout
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, Role, ScalePolicy
 
 
 class MistralLayout(Layout):
     name = "mistral"
+    order = 40
     summary = "mistral-finetune lora.safetensors + params.json (Meta names, fixed scaling)"
     weight_files = ("lora.safetensors",)
     config_file = "params.json"
     scheme = "meta"
-    leaves = {"A": "lora_A.weight", "B": "lora_B.weight"}
+    leaves: ClassVar[dict[Role, str]] = {"A": "lora_A.weight", "B": "lora_B.weight"}
     one_rank = True
-    one_scale = True
+    scale_policy = ScalePolicy.GLOBAL
 
-    def detect(self, src: Source) -> tuple[int, str] | None:
+    def detect(self, src: Source) -> Detection | None:
         keys = src.keys()
         if keys and all(self.split(k) and k.startswith("layers.") for k in keys):
             if src.weights.name == "lora.safetensors":
-                return 3, "lora.safetensors with Meta-named keys (layers.N.attention.wq.lora_A.weight)"
-            return 2, "Meta-named LoRA keys (layers.N.attention.wq.lora_A.weight)"
+                return Detection(3, "lora.safetensors with Meta-named keys (layers.N.attention.wq.lora_A.weight)")
+            return Detection(2, "Meta-named LoRA keys (layers.N.attention.wq.lora_A.weight)")
         return None
 
     def implied_model_config(self, src: Source) -> ModelConfig | None:

@@ -24,43 +24,46 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..adapter import Adapter, ModuleLoRA
 from ..errors import ConfigError, ConversionError, MissingConfigError, UnsupportedAdapterError, quote_list
-from ..families import FAMILIES, Family, ModelConfig
-from .base import Layout, ReadOptions, Role, Source, WriteOptions
+from ..families import FAMILIES, Family, ModelConfig, NameMap, parse_layer
+from ..fused import stack_experts, unstack_experts
+from .base import Layout
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, Role, ScalePolicy
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCALE = 20.0  # mlx-lm's LoRALinear default
 DEFAULT_RANK = 8
-_BLOCK = re.compile(r"^(?P<pre>.*?\blayers)\.(?P<i>\d+)\.(?P<rest>.+)$")
 
 
 class MlxLayout(Layout):
     name = "mlx"
+    order = 70
     summary = "mlx-lm adapters.safetensors + adapter_config.json (factors transposed, scale used directly)"
     weight_files = ("adapters.safetensors",)
     config_file = "adapter_config.json"
     scheme = "hf"
-    leaves = {"A": "lora_a", "B": "lora_b", "magnitude": "m", "emb_A": "lora_a", "emb_B": "lora_b"}
+    leaves: ClassVar[dict[Role, str]] = {"A": "lora_a", "B": "lora_b", "magnitude": "m",
+                                         "emb_A": "lora_a", "emb_B": "lora_b"}
     transposed = True
     features = frozenset({"dora", "embedding"})
     one_rank = True
-    one_scale = True
+    scale_policy = ScalePolicy.GLOBAL
 
-    def detect(self, src: Source) -> tuple[int, str] | None:
+    def detect(self, src: Source) -> Detection | None:
         cfg = src.config or {}
         keys = src.keys()
         if not keys or not all(self.split(k) for k in keys):
             return None
         if "lora_parameters" in cfg or "lora_layers" in cfg or "fine_tune_type" in cfg:
-            return 3, f"{src.config_path.name} with mlx-lm's lora_parameters beside {src.weights.name}"  # type: ignore[union-attr]
-        return 2, "lora_a / lora_b keys without a prefix (mlx-lm)"
+            return Detection(3, f"{src.config_path.name} with mlx-lm's lora_parameters beside {src.weights.name}")  # type: ignore[union-attr]
+        return Detection(2, "lora_a / lora_b keys without a prefix (mlx-lm)")
 
     def unsupported(self, src: Source) -> str | None:
         if (src.config or {}).get("fine_tune_type") == "full":
@@ -75,7 +78,6 @@ class MlxLayout(Layout):
             if "magnitude" in parts:
                 raise UnsupportedAdapterError(f"{src.path}: {name}: DoRA on MoE experts (mlx-lm has none)",
                                               layout=self.name, path=str(src.path))
-            from ..fused import unstack_experts
 
             return unstack_experts(family, name, A, B, layout=self.name)
         if "magnitude" in parts and ("emb_A" in parts or "emb_B" in parts):
@@ -112,33 +114,27 @@ class MlxLayout(Layout):
         for m in adapter.modules.values():
             m.scale = scale
         if fine_tune_type == "lora" and adapter.uses_dora:
-            notes.append("DoRA magnitudes (m) present but fine_tune_type is lora: mlx-lm refuses the file; kept as DoRA")
+            notes.append("DoRA magnitudes (m) present but fine_tune_type is lora: mlx-lm refuses the file; "
+                         "kept as DoRA")
         if fine_tune_type == "dora" and not adapter.uses_dora:
             notes.append("fine_tune_type dora but no magnitudes (m) in the file: mlx-lm initialises them from the "
                          "base weights (a DoRA no-op only while lora_b is zero); read as plain LoRA")
-        n_layers = cfg.get("num_layers", cfg.get("lora_layers"))
-        model_cfg = adapter.meta.model_config
-        total = model_cfg.n_layers if model_cfg else None
-        blocks = _blocks(adapter.modules)
-        if isinstance(n_layers, int) and n_layers >= 0 and total and blocks and min(blocks) < total - n_layers:
-            notes.append(f"num_layers={n_layers} but the file adapts block {min(blocks)} of {total}: mlx-lm would "
-                         "refuse it (it wraps only the last num_layers blocks)")
+        refused = num_layers_refused(adapter)
+        if refused:
+            notes.append(f"{refused}: mlx-lm would refuse it (it wraps only the last num_layers blocks)")
         adapter.meta.base_model = cfg.get("model") if isinstance(cfg.get("model"), str) else None
 
     # ------------------------------------------------------------------ writing
     def prepare(self, adapter: Adapter, opts: WriteOptions) -> Adapter:
         adapter = super().prepare(adapter, opts)
-        dora = [n for n, m in adapter.modules.items() if m.magnitude is not None]
-        if dora and len(dora) != len(adapter.modules):
-            plain = [n for n in adapter.modules if n not in dora]
+        plain = partial_dora(adapter)
+        if plain:
             raise ConversionError(
-                f"mlx-lm runs DoRA on every adapted module or none; DoRA on {len(dora)}, plain LoRA on "
-                f"{quote_list(plain, 3)}; expected one kind; convert to peft or native instead")
+                f"mlx-lm runs DoRA on every adapted module or none; DoRA on {len(adapter.modules) - len(plain)}, "
+                f"plain LoRA on {quote_list(plain, 3)}; expected one kind; convert to peft or native instead")
         return adapter
 
     def tensors_for(self, adapter: Adapter, model_cfg: ModelConfig | None) -> dict[str, Any]:
-        from ..fused import stack_experts
-
         family = (model_cfg.family if model_cfg else None) or FAMILIES.get(adapter.meta.family or "")
         stacked, used = stack_experts(family, adapter.modules, n_experts=model_cfg.n_experts if model_cfg else None,
                                       layout=self.name)
@@ -152,7 +148,7 @@ class MlxLayout(Layout):
         family = (opts.base_config.family if opts.base_config else None) or FAMILIES.get(adapter.meta.family or "")
         names = _switch_names(family, list(adapter.modules))
         total = opts.base_config.n_layers if opts.base_config else None
-        num_layers, note = placement(_blocks(adapter.modules), total)
+        num_layers, note = placement(blocks(adapter.modules), total)
         if note:
             logger.info("mlx num_layers: %s", note)
         keys = sorted({_relative(n) for n in names})
@@ -187,19 +183,38 @@ def placement(blocks: set[int], total: int | None) -> tuple[int, str | None]:
                 "other blocks, with lora_b zero (a no-op)")
 
 
-def _blocks(modules: dict[str, Any]) -> set[int]:
-    return {int(m["i"]) for n in modules if (m := _BLOCK.match(n))}
+def blocks(modules: dict[str, Any]) -> set[int]:
+    """The block indices the modules adapt."""
+    return {b.number for n in modules if (b := parse_layer(n))}
+
+
+def partial_dora(adapter: Adapter) -> list[str]:
+    """The plain-LoRA modules of an adapter with DoRA on only some modules (mlx-lm runs DoRA on every
+    adapted module or none), else []."""
+    plain = [n for n, m in adapter.modules.items() if m.magnitude is None]
+    return plain if 0 < len(plain) < len(adapter.modules) else []
+
+
+def num_layers_refused(adapter: Adapter) -> str | None:
+    """Why mlx-lm refuses an mlx adapter's ``num_layers`` (it wraps only the last ``num_layers``
+    blocks, and the file adapts an earlier one), else None."""
+    if adapter.meta.source_layout != "mlx":
+        return None
+    cfg, model_cfg = adapter.meta.config or {}, adapter.meta.model_config
+    given, total = cfg.get("num_layers", cfg.get("lora_layers")), model_cfg.n_layers if model_cfg else None
+    adapted = blocks(adapter.modules)
+    if isinstance(given, int) and given >= 0 and total and adapted and min(adapted) < total - given:
+        return f"num_layers {given} but the file adapts block {min(adapted)} of {total}"
+    return None
 
 
 def _relative(name: str) -> str:
-    m = _BLOCK.match(name)
-    return m["rest"] if m else name
+    block = parse_layer(name)
+    return block.rest if block else name
 
 
 def _switch_names(family: Family | None, names: list[str]) -> list[str]:
     """Module names as mlx-lm's model has them (per-expert modules -> their switch_mlp module)."""
-    from ..families import NameMap
-
     tables = [family.stacked_experts] if family else [f.stacked_experts for f in FAMILIES.values()]
     maps = [NameMap({expert: switch}) for t in tables for switch, expert in t.items()]
     return [next((s for nm in maps if (s := nm.to_other(n)) is not None), n) for n in names]

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..adapter import Adapter
 from ..errors import ConfigError, MissingConfigError
 from ..io import read_safetensors_header, save_tensors
-from .base import Layout, ReadOptions, Source, WriteOptions
+from .base import Layout
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, Role
 
 META_KEY = "lora_ckpt"
 VERSION = 1
@@ -20,10 +22,12 @@ VERSION = 1
 
 class NativeLayout(Layout):
     name = "native"
+    order = 10
     summary = "lora-ckpt's own lora_adapter.safetensors (LoRALinear keys, scales in the header)"
     weight_files = ("lora_adapter.safetensors",)
-    leaves = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude", "bias": "lora_B.bias",
-              "emb_A": "lora_embedding_A.weight", "emb_B": "lora_embedding_B.weight"}
+    leaves: ClassVar[dict[Role, str]] = {
+        "A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude", "bias": "lora_B.bias",
+        "emb_A": "lora_embedding_A.weight", "emb_B": "lora_embedding_B.weight"}
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
 
     def _meta(self, src: Source) -> dict[str, Any] | None:
@@ -34,14 +38,17 @@ class NativeLayout(Layout):
             return None
         try:
             meta = json.loads(raw)
-            assert isinstance(meta, dict) and isinstance(meta.get("scales"), dict)
-        except (json.JSONDecodeError, AssertionError) as e:
-            raise ConfigError(f"{src.weights}: '{META_KEY}' header metadata is not lora-ckpt's JSON", path=src.weights) from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{src.weights}: '{META_KEY}' header metadata is not JSON ({e}); expected lora-ckpt's "
+                              "metadata; rewrite the file with lora-ckpt convert", path=src.weights) from e
+        if not isinstance(meta, dict) or not isinstance(meta.get("scales"), dict):
+            raise ConfigError(f"{src.weights}: '{META_KEY}' header metadata has no 'scales' object; expected "
+                              "lora-ckpt's metadata; rewrite the file with lora-ckpt convert", path=src.weights)
         return meta
 
-    def detect(self, src: Source) -> tuple[int, str] | None:
+    def detect(self, src: Source) -> Detection | None:
         if self._meta(src) is not None:
-            return 3, f"{src.weights.name} carries lora-ckpt metadata"
+            return Detection(3, f"{src.weights.name} carries lora-ckpt metadata")
         return None
 
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
@@ -69,6 +76,7 @@ class NativeLayout(Layout):
                 "task_type": adapter.meta.task_type, "source_layout": adapter.meta.source_layout,
                 "source_config": adapter.meta.config}
         out.mkdir(parents=True, exist_ok=True)
-        save_tensors(self.tensors_for(adapter, opts.base_config or adapter.meta.model_config), out / self.weight_files[0],
+        tensors = self.tensors_for(adapter, opts.base_config or adapter.meta.model_config)
+        save_tensors(tensors, out / self.weight_files[0],
                      metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
         return adapter

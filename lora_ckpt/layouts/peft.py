@@ -9,16 +9,19 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..adapter import Adapter, alpha_for
 from ..errors import ConfigError, MissingConfigError, quote_list
+from ..families import parse_layer
 from ..keys import matches_target
-from .base import Layout, ReadOptions, Source, WriteOptions
+from .base import Layout
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, Role
 
 logger = logging.getLogger(__name__)
 
-PEFT_LEAVES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
+PEFT_LEAVES: dict[Role, str] = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
                "bias": "lora_B.bias", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
 
 
@@ -53,29 +56,31 @@ def _number(x: Any) -> bool:
 
 class PeftLayout(Layout):
     name = "peft"
+    order = 20
     summary = "HF PEFT adapter_model.safetensors/.bin + adapter_config.json"
     weight_files = ("adapter_model.safetensors", "adapter_model.bin")
     config_file = "adapter_config.json"
     prefix = "base_model.model."
     scheme = "hf"
-    leaves = PEFT_LEAVES
+    leaves: ClassVar[dict[Role, str]] = PEFT_LEAVES
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
 
-    def detect(self, src: Source) -> tuple[int, str] | None:
+    def detect(self, src: Source) -> Detection | None:
         cfg = src.config
-        if cfg is not None and "peft_type" in cfg and src.weights.name in self.weight_files:
-            return 2, f"{src.config_path.name} with peft_type {cfg['peft_type']!r} beside {src.weights.name}"
+        if (cfg is not None and src.config_path is not None and "peft_type" in cfg
+                and src.weights.name in self.weight_files):
+            return Detection(2, f"{src.config_path.name} with peft_type {cfg['peft_type']!r} beside {src.weights.name}")
         keys = src.keys()
         if keys and all(k.startswith(self.prefix) for k in keys) and any(self.split(k) for k in keys):
-            return 1, f"keys start with {self.prefix!r} and end in lora_A.weight/lora_B.weight"
+            return Detection(1, f"keys start with {self.prefix!r} and end in lora_A.weight/lora_B.weight")
         return None
 
     def unsupported(self, src: Source) -> str | None:
         cfg = src.config or {}
         if cfg.get("peft_type", "LORA") != "LORA":
-            return (f"peft_type {cfg['peft_type']!r} is not LoRA; lora-ckpt converts LoRA/DoRA adapters only"
-                    + (" (AdaLoRA's SVD form lora_E has no exact LoRA layout)" if cfg["peft_type"] == "ADALORA" else ""))
-        if any(k.endswith(".lora_E") for k in src.keys()):
+            why = " (AdaLoRA's SVD form lora_E has no exact LoRA layout)" if cfg["peft_type"] == "ADALORA" else ""
+            return f"peft_type {cfg['peft_type']!r} is not LoRA; lora-ckpt converts LoRA/DoRA adapters only{why}"
+        if any(k.endswith(".lora_E") for k in src.index):
             return "has AdaLoRA lora_E tensors; lora-ckpt converts LoRA/DoRA adapters only"
         if cfg.get("enable_lora"):
             return "uses the legacy MergedLinear enable_lora (grouped factors); re-export it with a current PEFT"
@@ -195,13 +200,9 @@ def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
 def layer_subset(names: list[str], opts: WriteOptions) -> list[int] | None:
     """The block indices, when every leaf type covers the same proper subset of the blocks (as
     mlx-lm's "last N layers" does), for PEFT's ``layers_to_transform``; else None."""
-    layer_re = re.compile(r"^(?P<pre>.*\.layers\.)(?P<i>\d+)\.(?P<rest>.+)$")
-    by_leaf: dict[str, set[int]] = {}
-    for n in names:
-        m = layer_re.match(n)
-        if not m:
-            return None
-        by_leaf.setdefault(m["rest"], set()).add(int(m["i"]))
+    by_leaf = _blocks_by_leaf(names)
+    if by_leaf is None:
+        return None
     covered = {frozenset(v) for v in by_leaf.values()}
     if len(covered) != 1 or len({rest.rsplit(".", 1)[-1] for rest in by_leaf}) != len(by_leaf):
         return None
@@ -215,24 +216,29 @@ def layer_subset(names: list[str], opts: WriteOptions) -> list[int] | None:
 def target_modules(names: list[str], opts: WriteOptions) -> list[str]:
     """Leaf names (``q_proj``) when every leaf type covers every layer, else the full names:
     PEFT then wraps exactly the modules the file holds (no zero-B modules, no missing-key warnings)."""
-    layer_re = re.compile(r"^(?P<pre>.*\.layers\.)(?P<i>\d+)\.(?P<rest>.+)$")
-    by_leaf: dict[str, set[int]] = {}
-    for n in names:
-        m = layer_re.match(n)
-        if not m:
-            return sorted(names)
-        by_leaf.setdefault(m["rest"], set()).add(int(m["i"]))
-    n_layers = None
-    if opts.base_config is not None:
-        raw = opts.base_config.raw
-        n_layers = raw.get("num_hidden_layers") or raw.get("n_layers") or raw.get("n_layer")
+    by_leaf = _blocks_by_leaf(names)
+    if by_leaf is None:
+        return sorted(names)
+    n_layers = opts.base_config.n_layers if opts.base_config is not None else None
     covered = {frozenset(v) for v in by_leaf.values()}
     leaves = sorted({rest.rsplit(".", 1)[-1] for rest in by_leaf})
-    full_range = len(covered) == 1 and (lambda s: s == set(range(max(s) + 1)))(next(iter(covered)))
-    if (full_range and (n_layers is None or max(next(iter(covered))) + 1 == n_layers)
+    blocks = next(iter(covered))
+    full_range = len(covered) == 1 and blocks == set(range(max(blocks) + 1))
+    if (full_range and (n_layers is None or max(blocks) + 1 == n_layers)
             and len(leaves) == len(by_leaf)):
         if n_layers is None:
             logger.info("target_modules %s assumes the adapter covers every layer (pass --base-config to check)",
                         quote_list(leaves, 7))
         return leaves
     return sorted(names)
+
+
+def _blocks_by_leaf(names: list[str]) -> dict[str, set[int]] | None:
+    """Block-relative path -> the blocks holding it; None if a module is outside the blocks."""
+    by_leaf: dict[str, set[int]] = {}
+    for n in names:
+        block = parse_layer(n)
+        if block is None:
+            return None
+        by_leaf.setdefault(block.rest, set()).add(block.number)
+    return by_leaf

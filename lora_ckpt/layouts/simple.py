@@ -5,29 +5,33 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 from ..adapter import Adapter
 from ..errors import MissingConfigError
 from ..io import read_json
-from .base import Layout, ReadOptions, Source, WriteOptions
+from .base import Layout
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, Role, ScalePolicy
 
 SIDECAR = "lora_config.json"  # written by lora-ckpt so a round trip needs no --alpha
 
 
 class LoralibLayout(Layout):
     name = "loralib"
+    order = 50
     summary = "loralib / trainers: bare lora_A / lora_B on each module; alpha not in the file (--alpha)"
     weight_files = ("lora_state_dict.pt", "lora.safetensors", "adapter.safetensors")
     sidecar_files = (SIDECAR,)
-    leaves = {"A": "lora_A", "B": "lora_B"}
+    leaves: ClassVar[dict[Role, str]] = {"A": "lora_A", "B": "lora_B"}
     one_rank = True
-    one_scale = True
+    scale_policy = ScalePolicy.GLOBAL
     pickle = True
 
-    def detect(self, src: Source) -> tuple[int, str] | None:
+    def detect(self, src: Source) -> Detection | None:
         keys = src.keys()
         if keys and all(self.split(k) for k in keys):
-            return 1, "bare lora_A / lora_B keys (loralib, trainers)"
+            return Detection(1, "bare lora_A / lora_B keys (loralib, trainers)")
         return None
 
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
@@ -50,16 +54,18 @@ class LoralibLayout(Layout):
 
 class LlmbookLayout(Layout):
     name = "llmbook"
+    order = 60
     summary = "LLMBook teaching layout: A.weight / B.weight, scale 1"
     weight_files = ("lora_weights.pt", "lora_weights.safetensors")
-    leaves = {"A": "A.weight", "B": "B.weight"}
-    one_scale = 1.0
+    leaves: ClassVar[dict[Role, str]] = {"A": "A.weight", "B": "B.weight"}
+    scale_policy = ScalePolicy.FIXED
+    fixed_scale = 1.0
     pickle = True
 
-    def detect(self, src: Source) -> tuple[int, str] | None:
+    def detect(self, src: Source) -> Detection | None:
         keys = src.keys()
         if keys and all(self.split(k) for k in keys):
-            return 1, "A.weight / B.weight keys (LLMBook)"
+            return Detection(1, "A.weight / B.weight keys (LLMBook)")
         return None
 
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:

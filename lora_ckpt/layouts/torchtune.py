@@ -11,33 +11,37 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 from ..adapter import Adapter
 from ..errors import ConfigError, MissingConfigError
 from ..io import save_tensors
-from .base import Layout, ReadOptions, Source, WriteOptions
+from .base import Layout
 from .peft import PeftLayout, new_config, write_peft_config
+from .source import ReadOptions, Source, WriteOptions
+from .spec import Detection, Role, ScalePolicy
 
 
 class TorchtuneLayout(Layout):
     name = "torchtune"
+    order = 30
     summary = "torchtune epoch dir: adapter_model.pt (torchtune keys) + adapter_config.json"
     weight_files = ("adapter_model.pt",)
     config_file = "adapter_config.json"
     scheme = "torchtune"
-    leaves = {"A": "lora_a.weight", "B": "lora_b.weight", "magnitude": "magnitude"}
+    leaves: ClassVar[dict[Role, str]] = {"A": "lora_a.weight", "B": "lora_b.weight", "magnitude": "magnitude"}
     features = frozenset({"dora"})
     one_rank = True
-    one_scale = True
+    scale_policy = ScalePolicy.GLOBAL
     pickle = True
     every_layer = True  # torchtune's lora_attn_modules / apply_lora_to_mlp apply to all layers
 
-    def detect(self, src: Source) -> tuple[int, str] | None:
+    def detect(self, src: Source) -> Detection | None:
         keys = src.keys()
         if keys and all(self.split(k) for k in keys):
             if src.weights.name == "adapter_model.pt":
-                return 3, "adapter_model.pt with torchtune keys (lora_a/lora_b)"
-            return 2, "torchtune keys (lora_a.weight/lora_b.weight)"
+                return Detection(3, "adapter_model.pt with torchtune keys (lora_a/lora_b)")
+            return Detection(2, "torchtune keys (lora_a.weight/lora_b.weight)")
         return None
 
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:

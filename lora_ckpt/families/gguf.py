@@ -1,6 +1,6 @@
 """llama.cpp's GGUF tensor names for LoRA modules, per base architecture.
 
-The HF module templates of a family come from the families table (:mod:`lora_ckpt.families`:
+The HF module templates of a family come from the families table (:mod:`.tables`:
 the HF side of its name maps, its fused entries and its stacked MoE experts; a generic decoder
 list for families without maps); their GGUF names come from gguf-py's own ``TensorNameMap`` for
 the architecture llama.cpp uses, so the names are llama.cpp's, never re-typed here. What the
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from functools import cache
 
 from ..errors import LayoutError, UnsupportedAdapterError
-from ..families import FAMILIES, NameMap
+from .names import NameMap, parse_layer, template_regex
+from .tables import FAMILIES
 
 __all__ = ["ARCHES", "GgufNames", "family_for_arch", "gguf_names"]
 
@@ -40,7 +41,7 @@ _DECODER = ("model.embed_tokens", "lm_head", *(f"model.layers.{{}}.self_attn.{p}
             *(f"model.layers.{{}}.mlp.{p}_proj" for p in ("gate", "up", "down")), "model.layers.{}.mlp.gate",
             *(f"model.layers.{{}}.mlp.shared_expert.{p}_proj" for p in ("gate", "up", "down")),
             "model.layers.{}.mlp.shared_expert_gate")
-_EXPERT = re.compile(r"\.experts\.\{\}\.")
+_EXPERT = re.compile(r"\.experts\.\{\}\.")  # the expert index of a per-expert template
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class GgufNames:
     def expert(self, hf_module: str) -> tuple[str, int] | None:
         """(stacked GGUF tensor, expert index) of a per-expert HF module, else None."""
         for hf, g in self.experts.items():
-            m = re.fullmatch(re.escape(hf).replace(r"\{\}", r"(\d+)"), hf_module)
+            m = template_regex(hf).fullmatch(hf_module)
             if m:
                 return g.format(m[1]), int(m[2])
         return None
@@ -70,10 +71,16 @@ class GgufNames:
     def expert_modules(self, tensor: str, n: int) -> list[str] | None:
         """The per-expert HF modules 0..n-1 a stacked GGUF tensor holds, else None."""
         for hf, g in self.experts.items():
-            m = re.fullmatch(re.escape(g).replace(r"\{\}", r"(\d+)"), tensor)
+            m = template_regex(g).fullmatch(tensor)
             if m:
                 return [hf.replace("{}", m[1], 1).replace("{}", str(e)) for e in range(n)]
         return None
+
+    @staticmethod
+    def block(tensor: str) -> int | None:
+        """The block index of a GGUF tensor name (``blk.3.attn_q.weight`` -> 3)."""
+        layer = parse_layer(tensor, containers=("blk",))
+        return layer.number if layer else None
 
 
 def _templates(family: str) -> list[str]:
