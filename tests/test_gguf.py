@@ -198,7 +198,7 @@ def test_q_k_rows_need_head_counts(tmp_path):
 def _rewrite(src: Path, out: Path, kv, keep=None) -> Path:
     h = read_gguf_header(src)
     raw = src.read_bytes()
-    write_gguf(out, kv, [(t.name, t.shape, t.ggml_type, t.nbytes, (lambda t=t: raw[t.begin:t.begin + t.nbytes]))
+    write_gguf(out, kv, [(t.name, t.shape, t.ggml_type, t.nbytes, raw[t.begin:t.begin + t.nbytes])
                          for t in h.tensors.values() if keep is None or keep(t.name)])
     return out
 

@@ -6,20 +6,27 @@ list for families without maps); their GGUF names come from gguf-py's own ``Tens
 the architecture llama.cpp uses, so the names are llama.cpp's, never re-typed here. What the
 reference converter (``convert_lora_to_gguf.py`` with ``conversion/``) does beyond naming is
 data here too: which architectures get the Llama q/k row permutation, and in which order the
-stacked expert tensors of a layer are written.
+stacked expert tensors of a layer are written; and the KV entries it writes (:func:`adapter_kv`,
+built by gguf-py's own ``GGUFWriter`` and ``Metadata``).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 from ..errors import LayoutError, UnsupportedAdapterError
+from ..io.gguf import KV, GgufValue
 from .names import NameMap, parse_layer, template_regex
 from .tables import FAMILIES
 
-__all__ = ["ARCHES", "GgufNames", "family_for_arch", "gguf_names"]
+__all__ = ["ARCHES", "GgufNames", "adapter_kv", "family_for_arch", "gguf_names", "total_parameters"]
 
 #: lora-ckpt family -> llama.cpp architecture (``general.architecture``), as conversion/ registers
 #: the HF classes: Mistral and Mixtral convert as ``llama`` (conversion/llama.py LlamaModel)
@@ -134,3 +141,56 @@ def family_for_arch(arch: str, *, experts: bool = False) -> str:
             f"GGUF architecture {arch!r} is not one lora-ckpt can name; expected one of "
             f"{', '.join(sorted(_DEFAULT_FAMILY))}", layout="gguf")
     return "mixtral" if arch == "llama" and experts else _DEFAULT_FAMILY[arch]
+
+
+def total_parameters(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> int:
+    """gguf-py's ``GGUFWriter.get_total_parameter_count()[0]`` for (name, shape) in file order (negative
+    for LoRA: the base weights' size, which gguf-py's ``Metadata`` uses for its size heuristics)."""
+    total, last_a = 0, None
+    for name, shape in tensors:
+        if name.endswith(".lora_a"):
+            last_a = (name, shape)
+            continue
+        if name.endswith(".lora_b") and last_a is not None and last_a[0] == name[:-1] + "a":
+            shape = (*shape[:-1], last_a[1][-1])
+        total += math.prod(shape)
+    return -total if last_a is not None else total
+
+
+def adapter_kv(*, arch: str, alpha: float, card_dir: str | os.PathLike[str] | None, fallback_name: str,
+               total_params: int, kept: KV | None = None, alora_tokens: list[int] | None = None) -> KV:
+    """The KV entries ``convert_lora_to_gguf.py`` writes, built by gguf-py's own ``GGUFWriter`` and
+    ``Metadata``: general.architecture, general.type, adapter.type, the ``general.*`` metadata
+    gguf-py derives from ``card_dir`` (its README model card and name; ``kept`` instead when given),
+    adapter.lora.alpha as FLOAT32, adapter.alora.invocation_tokens, general.quantization_version.
+
+    Raises:
+        ImportError: the ``gguf`` package is missing.
+    """
+    import gguf  # the optional dependency (lora-ckpt[gguf]): imported only when a GGUF is written
+
+    quiet = logging.getLogger("gguf.gguf_writer")
+    level, quiet.level = quiet.level, logging.WARNING  # its "for Little Endian only" note on every writer
+    try:
+        w = gguf.GGUFWriter(None, arch)
+    finally:
+        quiet.setLevel(level)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    if kept is None:
+        meta = gguf.Metadata.load(None, None if card_dir is None else Path(card_dir), None, total_params)
+        meta.name = meta.name if meta.name is not None else fallback_name
+        meta.set_gguf_meta_model(w)
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    if alora_tokens:
+        w.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, alora_tokens, gguf.GGUFValueType.ARRAY,
+                        gguf.GGUFValueType.UINT32)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    kv: KV = {}
+    for key, v in w.kv_data[0].items():
+        if key == gguf.Keys.Adapter.LORA_ALPHA and kept:
+            kv.update(kept)
+        sub = v.sub_type if v.sub_type is not None else (gguf.GGUFValueType.get_type(v.value[0])
+                                                         if v.type == gguf.GGUFValueType.ARRAY else None)
+        kv[key] = GgufValue(v.value, int(v.type), None if sub is None else int(sub))
+    return kv

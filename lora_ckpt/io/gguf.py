@@ -7,9 +7,8 @@ its shape and type, and overlap no other. A truncated or hostile file is a
 :class:`~lora_ckpt.errors.CheckpointFormatError`, never a crash or a huge allocation.
 
 Writing produces the same bytes as gguf-py's ``GGUFWriter`` (version 3, little-endian, 32-byte
-alignment, tensor data padded to the alignment), streaming one tensor at a time. The KV entries
-of a LoRA adapter come from gguf-py itself (:func:`adapter_kv`, the one function here that needs
-the ``gguf`` package).
+alignment, tensor data padded to the alignment), streaming one tensor at a time (unchanged
+memory-mapped tensors copied file to file by the kernel).
 """
 
 from __future__ import annotations
@@ -18,10 +17,9 @@ import itertools
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
@@ -273,34 +271,82 @@ def header_bytes(kv: KV, tensors: Iterable[tuple[str, tuple[int, ...], int, int]
 
 #: torch dtype name -> ggml type written
 GGML_TYPES = {"float32": 0, "float16": 1, "bfloat16": 30}
-#: a tensor to write: (name, shape, ggml type, nbytes, data() -> its raw bytes)
-TensorEntry = tuple[str, tuple[int, ...], int, int, Callable[[], "bytes | memoryview"]]
+#: a tensor to write: (name, shape, ggml type, nbytes, data) where data is bytes, or an object with
+#: ``data_ptr()`` (a contiguous torch tensor) whose ``nbytes`` bytes are read in place
+TensorEntry = tuple[str, tuple[int, ...], int, int, Any]
 
 
 def tensor_entry(name: str, t: torch.Tensor) -> TensorEntry:
-    """A torch tensor as a :func:`write_gguf` entry (its bytes read in place, zero-copy, when written)."""
-    import ctypes
-
+    """A torch tensor as a :func:`write_gguf` entry (its bytes read in place when written)."""
     t = t.contiguous()
-    nbytes = t.numel() * t.element_size()
-    return (name, tuple(t.shape), GGML_TYPES[str(t.dtype).removeprefix("torch.")], nbytes,
-            lambda: memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B"))
+    return name, tuple(t.shape), GGML_TYPES[str(t.dtype).removeprefix("torch.")], t.numel() * t.element_size(), t
+
+
+def _file_mappings() -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, path) of this process's file-backed mappings (Linux; else none)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and not fields[5].endswith(" (deleted)"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi, int(fields[2], 16), fields[5]))
+    return sorted(out)
 
 
 def write_gguf(path: str | os.PathLike[str], kv: KV, tensors: list[TensorEntry]) -> int:
-    """Write a GGUF file: ``tensors`` = (name, shape, ggml type, nbytes, data()) where ``data()``
-    returns the raw little-endian bytes, called once, in order (so only one tensor is in memory).
-    Returns the file size."""
+    """Write a GGUF file, one tensor at a time, in order. A tensor whose bytes lie in a memory-mapped
+    file (an unchanged factor of the source) is copied file to file by the kernel (``copy_file_range``,
+    as ``shutil.copyfile`` does); the rest is written from memory. Returns the file size."""
+    import bisect
+    import ctypes
+
     head, _ = header_bytes(kv, [(n, s, t, b) for n, s, t, b, _ in tensors])
-    with open(path, "wb") as f:
-        f.write(head)
+    maps = _file_mappings() if hasattr(os, "copy_file_range") else []
+    starts = [m[0] for m in maps]
+    sources: dict[str, int] = {}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, head)
         for name, _, _, nbytes, data in tensors:
-            raw = data()
-            if len(raw) != nbytes:
-                raise ValueError(f"tensor {name!r}: {len(raw)} bytes, expected {nbytes}")
-            f.write(raw)
-            f.write(b"\x00" * (-nbytes % DEFAULT_ALIGNMENT))
-        return f.tell()
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                if len(data) != nbytes:
+                    raise ValueError(f"tensor {name!r}: {len(data)} bytes, expected {nbytes}")
+                _write_all(fd, data)
+            else:
+                ptr = data.data_ptr()
+                i = bisect.bisect_right(starts, ptr) - 1
+                if nbytes and i >= 0 and ptr + nbytes <= maps[i][1]:
+                    lo, _, offset, src = maps[i]
+                    if src not in sources:
+                        sources[src] = os.open(src, os.O_RDONLY)
+                    _copy_range(sources[src], fd, nbytes, offset + ptr - lo)
+                elif nbytes:
+                    _write_all(fd, memoryview((ctypes.c_char * nbytes).from_address(ptr)).cast("B"))
+            _write_all(fd, b"\x00" * (-nbytes % DEFAULT_ALIGNMENT))
+        return os.lseek(fd, 0, os.SEEK_CUR)
+    finally:
+        os.close(fd)
+        for src_fd in sources.values():
+            os.close(src_fd)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _copy_range(src: int, dst: int, n: int, offset: int) -> None:
+    while n:
+        done = os.copy_file_range(src, dst, n, offset)
+        if done <= 0:
+            raise OSError(f"copy_file_range copied {done} bytes with {n} left")
+        n, offset = n - done, offset + done
 
 
 def load_gguf_tensors(header: GgufFile) -> dict[str, torch.Tensor]:
@@ -331,58 +377,3 @@ def load_gguf_tensors(header: GgufFile) -> dict[str, torch.Tensor]:
         else:
             out[name] = torch.frombuffer(mm, dtype=dtype, count=t.nbytes // size, offset=t.begin).reshape(t.shape)
     return out
-
-
-def total_parameters(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> int:
-    """gguf-py's ``GGUFWriter.get_total_parameter_count()[0]`` for (name, shape) in file order (negative
-    for LoRA: the base weights' size, which gguf-py's ``Metadata`` uses for its size heuristics)."""
-    total, last_a = 0, None
-    for name, shape in tensors:
-        if name.endswith(".lora_a"):
-            last_a = (name, shape)
-            continue
-        if name.endswith(".lora_b") and last_a is not None and last_a[0] == name[:-1] + "a":
-            shape = (*shape[:-1], last_a[1][-1])
-        total += math.prod(shape)
-    return -total if last_a is not None else total
-
-
-def adapter_kv(*, arch: str, alpha: float, card_dir: str | os.PathLike[str] | None, fallback_name: str,
-               total_params: int, kept: KV | None = None, alora_tokens: list[int] | None = None) -> KV:
-    """The KV entries ``convert_lora_to_gguf.py`` writes, built by gguf-py's own ``GGUFWriter`` and
-    ``Metadata``: general.architecture, general.type, adapter.type, the ``general.*`` metadata
-    gguf-py derives from ``card_dir`` (its README model card and name; ``kept`` instead when given),
-    adapter.lora.alpha as FLOAT32, adapter.alora.invocation_tokens, general.quantization_version.
-
-    Raises:
-        ImportError: the ``gguf`` package is missing.
-    """
-    import logging
-
-    import gguf
-
-    quiet = logging.getLogger("gguf.gguf_writer")
-    level, quiet.level = quiet.level, logging.WARNING  # its "for Little Endian only" note on every writer
-    try:
-        w = gguf.GGUFWriter(None, arch)
-    finally:
-        quiet.setLevel(level)
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    if kept is None:
-        meta = gguf.Metadata.load(None, None if card_dir is None else Path(card_dir), None, total_params)
-        meta.name = meta.name if meta.name is not None else fallback_name
-        meta.set_gguf_meta_model(w)
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    if alora_tokens:
-        w.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, alora_tokens, gguf.GGUFValueType.ARRAY,
-                        gguf.GGUFValueType.UINT32)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    kv: KV = {}
-    for key, v in w.kv_data[0].items():
-        if key == gguf.Keys.Adapter.LORA_ALPHA and kept:
-            kv.update(kept)
-        sub = v.sub_type if v.sub_type is not None else (gguf.GGUFValueType.get_type(v.value[0])
-                                                         if v.type == gguf.GGUFValueType.ARRAY else None)
-        kv[key] = GgufValue(v.value, int(v.type), None if sub is None else int(sub))
-    return kv

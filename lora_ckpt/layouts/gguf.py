@@ -1,6 +1,6 @@
 """llama.cpp's LoRA GGUF: one ``.gguf`` file, byte for byte what ``convert_lora_to_gguf.py`` writes.
 
-KV (:func:`lora_ckpt.io.gguf.adapter_kv`): architecture, ``general.type = "adapter"``, ``adapter.type
+KV (:func:`lora_ckpt.families.gguf.adapter_kv`): architecture, ``general.type = "adapter"``, ``adapter.type
 = "lora"``, gguf-py's ``general.*`` metadata, ``adapter.lora.alpha`` as FLOAT32 (FLOAT64 makes llama.cpp
 abort). Tensors ``<gguf name>.lora_a`` (r, in) / ``.lora_b`` (out, r) in torch order, ``token_embd``'s
 lora_a transposed, Llama q/k lora_b rows in Meta order, MoE experts stacked, F32 (or F16/BF16).
@@ -31,7 +31,7 @@ from ..errors import (
     quote_list,
 )
 from ..families import FAMILIES, ModelConfig, load_model_config
-from ..families.gguf import GgufNames, family_for_arch, gguf_names
+from ..families.gguf import GgufNames, adapter_kv, family_for_arch, gguf_names, total_parameters
 from ..io import TensorMeta
 from ..io.gguf import (
     FLOAT32,
@@ -40,12 +40,10 @@ from ..io.gguf import (
     GgufFile,
     GgufValue,
     TensorEntry,
-    adapter_kv,
     is_gguf,
     load_gguf_tensors,
     read_gguf_header,
     tensor_entry,
-    total_parameters,
     write_gguf,
 )
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
@@ -382,7 +380,7 @@ def _stacked(adapter: Adapter, names: GgufNames, experts: dict[str, dict[int, st
 
 
 def _kv(adapter: Adapter, names: GgufNames, tensors: Tensors, *, alpha: float, base_config: ModelConfig | None) -> KV:
-    """The converter's KV (:func:`lora_ckpt.io.gguf.adapter_kv`): metadata from the source directory
+    """The converter's KV (:func:`lora_ckpt.families.gguf.adapter_kv`): metadata from the source directory
     (the name of the base config's folder when gguf-py finds none), a GGUF source's own kept."""
     cfg = adapter.meta.config or {}
     src = Path(adapter.meta.source_path or ".")
