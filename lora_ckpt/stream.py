@@ -6,6 +6,7 @@ inputs are released as soon as a block is done, so memory stays at a few write u
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -333,8 +334,16 @@ def _close_map(mm: mmap.mmap) -> None:
         mm.close()
 
 
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable, zero-copy byte view of a contiguous CPU tensor's memory, without numpy (not a
+    dependency of lora-ckpt: ``Tensor.numpy()`` fails where it is not installed). The caller keeps
+    ``t`` alive while the view is used."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
+
+
 def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
-    view = buf.numpy().data.cast("B")
+    view = _byte_view(buf)
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
@@ -344,7 +353,8 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
 
 
 def _write_all(f: BinaryIO, t: torch.Tensor) -> None:
-    view = t.contiguous().reshape(-1).view(torch.uint8).numpy().data
+    t = t.contiguous()
+    view = _byte_view(t)
     while view:
         n = f.write(view)
         view = view[n:]
