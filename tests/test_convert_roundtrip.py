@@ -41,8 +41,14 @@ def weight_file(d, layout):
 
 
 def read_tensors(path) -> dict[str, torch.Tensor]:
-    """Independent of lora_ckpt: safetensors, or a torch pickle with weights_only."""
+    """Independent of lora_ckpt: safetensors, GGUF (gguf-py's reader), or a torch pickle with weights_only."""
     path = str(path)
+    if path.endswith(".gguf"):
+        import gguf
+
+        kinds = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        return {t.name: torch.frombuffer(bytearray(t.data.tobytes()), dtype=kinds[t.tensor_type.name])
+                .reshape([int(d) for d in reversed(t.shape)]) for t in gguf.GGUFReader(path).tensors}
     out = load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
     if set(out) == {"model"} and isinstance(out["model"], dict):  # LitGPT's {"model": lora tensors}
         out = out["model"]
@@ -95,7 +101,8 @@ HOLDS = {f: holds(f) for f in PEFT_FIXTURES}
 FIXED_SCALE = [name for name, lay in LAYOUTS.items() if lay.scale_policy is ScalePolicy.FIXED]
 #: via these, tensors cannot stay byte-identical: one rank/scale (patterns padded and folded) or
 #: llmbook's fixed scale 1 (alpha/r = 2 folded into B)
-FUNCTION_ONLY = {("llama-rslora-patterns", v) for v in ALL if LAYOUTS[v].one_rank} | {
+FUNCTION_ONLY = {("llama-rslora-patterns", v) for v in ALL
+                 if LAYOUTS[v].one_rank or LAYOUTS[v].scale_policy is ScalePolicy.ALPHA_OVER_RANK} | {
     (f, v) for f in HOLDS for v in FIXED_SCALE}
 #: layouts that keep PEFT's whole adapter_config.json (so its bytes can come back)
 KEEPS_PEFT_CONFIG = {"peft", "native"}
@@ -105,11 +112,13 @@ KEEPS_PEFT_CONFIG = {"peft", "native"}
 @pytest.fixture(scope="module")
 def no_base_id(tmp_path_factory) -> set[str]:
     """The layouts with nowhere to keep the base model id (base_model_name_or_path), found by writing
-    the llama-lora fixture in each and reading it back."""
+    the llama-lora fixture in each and reading it back. Without PEFT's README card: gguf takes the
+    base model from a model card (as convert_lora_to_gguf.py does), and lora-ckpt's own outputs have none."""
     root = tmp_path_factory.mktemp("base-id")
+    src = shutil.copytree(PEFT_FIX / "llama-lora", root / "src", ignore=shutil.ignore_patterns("README.md"))
     out = set()
     for name in ALL:
-        convert(PEFT_FIX / "llama-lora", root / name, to=name, base_config=P.hf_config_path("llama"))
+        convert(src, root / name, to=name, base_config=P.hf_config_path("llama"))
         if load_adapter(root / name, base_config=P.hf_config_path("llama")).meta.base_model is None:
             out.add(name)
     return out
@@ -254,8 +263,8 @@ def test_round_trip_a_b_a(tmp_path, sources, no_base_id, content, dtype, a, b):
         return
     assert blobs(weight_file(back, a)) == blobs(weight_file(src, a))  # every tensor, byte for byte
     assert rep.ok and rep.worst == 0.0 and rep.modules
-    if not LAYOUTS[a].pickle and a != "native":  # safetensors: the whole file, header included (native's
-        # header records the layout the adapter came from)
+    if not LAYOUTS[a].pickle and a not in ("native", "gguf"):  # safetensors: the whole file, header included
+        # (native's header records the layout the adapter came from, GGUF's KV the folder it was written from)
         assert weight_file(back, a).read_bytes() == weight_file(src, a).read_bytes()
     # configs keep their meaning: PEFT's own reading of a PEFT config (B may not keep PEFT's 41 keys),
     # every other JSON file (torchtune's config, params.json, lora_config.json, config.json) as is

@@ -48,7 +48,7 @@ from ..io.gguf import (
 )
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 from .base import Layout, ReadOptions, Source, WriteOptions
-from .spec import Detection, Role
+from .spec import Detection, Role, ScalePolicy
 
 if TYPE_CHECKING:
     pass
@@ -126,6 +126,7 @@ class GgufLayout(Layout):
     single_file = ".gguf"
     leaves: ClassVar[dict[Role, str]] = {"A": "lora_a", "B": "lora_b"}
     features = frozenset({"embedding"})
+    scale_policy = ScalePolicy.ALPHA_OVER_RANK
 
     def locate(self, path: Path) -> Source | None:
         if path.is_file():
@@ -204,7 +205,7 @@ class GgufLayout(Layout):
                 modules[name] = mod
         adapter = Adapter(modules, meta=AdapterMeta(
             base_model=base, family=family, source_layout=self.name, source_path=str(src.path), model_config=cfg,
-            config={k: v for k, v in h.kv.items()}, notes=notes))
+            config={k: [v.value, v.type, v.sub_type] for k, v in h.kv.items()}, notes=notes))  # JSON-able KV
         if names.permuted and not src.shapes_only:
             _permute(adapter, cfg, to_hf=True)
         if cfg is not None:
@@ -226,16 +227,17 @@ class GgufLayout(Layout):
         return super().drop_unsupported(adapter, allow_lossy=allow_lossy)
 
     def prepare(self, adapter: Adapter, opts: WriteOptions) -> Adapter:
-        import torch
-
         rules = llamacpp_rules(adapter)
         adapter = self.drop_unsupported(adapter, allow_lossy=opts.allow_lossy)
         dtype = opts.dtype
         if dtype is not None and str(dtype).removeprefix("torch.") not in GGML_TYPES:
             raise ConfigError(f"--dtype {dtype}: GGUF adapters are written as float32, float16 or bfloat16")
-        if dtype is None and adapter.meta.source_layout != self.name:  # a GGUF source keeps its types; else
-            dtype = torch.float32  # convert_lora_to_gguf.py's default --outtype f32
-        adapter = adapter.cast(dtype)
+        adapter = adapter.cast(dtype)  # dtypes kept unless asked (the reference's default is --outtype f32)
+        if any(str(t.dtype).removeprefix("torch.") not in GGML_TYPES for m in adapter.modules.values()
+               for t in (m.A, m.B)):  # float64 ...: float32, as the converter does
+            import torch
+
+            adapter = adapter.cast(torch.float32)
         alpha = ctypes.c_float(rules.alpha).value
         if rules.folded:
             logger.info("llama.cpp scales by alpha/rank (alpha %g): %d module(s) with another scale (rsLoRA, "
@@ -385,13 +387,12 @@ def _kv(adapter: Adapter, names: GgufNames, tensors: Tensors, *, alpha: float, b
     cfg = adapter.meta.config or {}
     src = Path(adapter.meta.source_path or ".")
     root = src if src.is_dir() else src.parent
-    if adapter.meta.source_layout == "gguf":
+    if adapter.meta.source_layout == "gguf":  # its KV as read: [value, type, sub_type]
         skip = {"general.architecture", "general.type", "general.quantization_version", "general.alignment"}
-        kept: KV | None = {k: v for k, v in cfg.items() if k.startswith("general.") and k not in skip}
-        tokens = cfg.get("adapter.alora.invocation_tokens")
+        kept: KV | None = {k: GgufValue(*v) for k, v in cfg.items() if k.startswith("general.") and k not in skip}
+        tokens = (cfg.get("adapter.alora.invocation_tokens") or [None])[0]
     else:
         kept, tokens = None, cfg.get("alora_invocation_tokens")
-    tokens = tokens.value if isinstance(tokens, GgufValue) else tokens
     fallback = Path(base_config.source).parent.name if base_config and base_config.source else root.name
     return adapter_kv(arch=names.arch, alpha=alpha, card_dir=root, fallback_name=fallback, kept=kept,
                       total_params=total_parameters((n, shape) for n, shape, *_ in tensors),

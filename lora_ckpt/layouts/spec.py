@@ -26,6 +26,8 @@ class ScalePolicy(Enum):
     PER_MODULE = "per-module"  #: each module keeps its own scale (PEFT's patterns, native)
     GLOBAL = "global"  #: one scale (and one rank) for the whole adapter: ranks zero-padded, scales folded into B
     FIXED = "fixed"  #: the format's scale is the constant ``fixed_scale``: the scale is folded into B
+    #: one alpha, each module's scale alpha / its rank (llama.cpp): ranks kept, other scales folded into B
+    ALPHA_OVER_RANK = "alpha/rank"
 
 
 class Detection(NamedTuple):
