@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from ..adapter import Adapter
 from ..errors import LoraCkptError
@@ -103,13 +103,16 @@ def read_detected(det: Detected, *, base_config: PathLike | ModelConfig | None =
 def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: PathLike | ModelConfig | None = None,
                  force: bool = False, allow_lossy: bool = False, dtype: torch.dtype | None = None,
                  inputs: tuple[PathLike, ...] = (),
-                 check: Callable[[Path, Adapter], None] | None = None) -> Adapter:
+                 check: Callable[[Path, Adapter], None] | None = None,
+                 experts: Literal["keep", "fused", "per-expert"] = "keep") -> Adapter:
     """Write ``adapter`` as directory ``out`` in ``layout``, atomically (temp dir, then rename); a
     single-file layout (gguf) writes the file ``out`` when it ends in the layout's suffix.
 
     ``check(tmp_dir, written)`` runs before the final rename (``convert`` verifies there).
     Returns the adapter as written (ranks padded, scales folded, parts dropped as the layout
-    required), for verification.
+    required), for verification. ``experts`` picks the form of MoE expert LoRA in layouts that
+    hold both (PEFT, native): as it is, ``"fused"`` (``target_parameters`` on transformers-5 3-D
+    experts) or ``"per-expert"`` (``experts.{e}.gate_proj`` ... modules).
 
     Raises:
         OutputExistsError: ``out`` exists and not ``force``.
@@ -119,7 +122,8 @@ def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: P
     cfg = _model_config(base_config)
     single = lay.single_file is not None and os.fspath(out).endswith(lay.single_file)
     with atomic_output(out, force=force, inputs=inputs, is_dir=not single) as tmp:
-        written = lay.write(adapter, tmp, WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=dtype))
+        written = lay.write(adapter, tmp, WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=dtype,
+                                                        experts=experts))
         if check is not None:  # before the rename: a failed check leaves nothing behind
             check(tmp, written)
     logger.debug("wrote %s layout to %s", lay.name, os.fspath(out))

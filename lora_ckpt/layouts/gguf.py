@@ -227,6 +227,7 @@ class GgufLayout(Layout):
         return super().drop_unsupported(adapter, allow_lossy=allow_lossy)
 
     def prepare(self, adapter: Adapter, opts: WriteOptions) -> Adapter:
+        adapter = self.expert_form_for(adapter, opts)  # fused (target_parameters) experts -> per-expert modules
         rules = llamacpp_rules(adapter)
         adapter = self.drop_unsupported(adapter, allow_lossy=opts.allow_lossy)
         dtype = opts.dtype
@@ -248,6 +249,7 @@ class GgufLayout(Layout):
         return replace(adapter, modules=mods)
 
     def write(self, adapter: Adapter, out: Path, opts: WriteOptions) -> Adapter:
+        adapter = self.expert_form_for(adapter, opts)
         alpha = ctypes.c_float(llamacpp_rules(adapter).alpha).value  # what prepare folds to
         adapter = self.prepare(adapter, opts)
         cfg = opts.base_config or adapter.meta.model_config

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..adapter import Adapter, alpha_for
-from ..errors import ConfigError, MissingConfigError, quote_list
+from ..errors import ConfigError, LayoutError, MissingConfigError, quote_list
+from ..experts import TRANSPOSED_MODEL_TYPES, ExpertLoRA, from_peft, peft_nesting, to_peft
 from ..families import parse_layer
 from ..keys import matches_target
 from .base import Layout
@@ -64,6 +65,7 @@ class PeftLayout(Layout):
     scheme = "hf"
     leaves: ClassVar[dict[Role, str]] = PEFT_LEAVES
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
+    expert_form = "stacked"
 
     def detect(self, src: Source) -> Detection | None:
         cfg = src.config
@@ -124,12 +126,115 @@ class PeftLayout(Layout):
         if cfg.get("use_rslora"):
             adapter.meta.notes.append("rsLoRA (scale alpha/sqrt(r)): llama.cpp ignores use_rslora")
 
+    # ------------------------------------------------------------------ experts
+    def read_experts(self, src: Source, opts: ReadOptions) -> tuple[dict[str, ExpertLoRA], set[str]]:
+        """``target_parameters`` LoRA (lora_ckpt.experts): ``<module>.[base_layer.]*lora_{A,B}.weight``,
+        the nesting depth naming the parameter (PEFT nests in registration order, the first innermost)."""
+        cfg = src.config or {}
+        targets = cfg.get("target_parameters") or []
+        if not targets:
+            return {}, set()
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise ConfigError(f"{src.config_path}: target_parameters must be a list of parameter names, found "
+                              f"{targets!r}", path=src.config_path)
+        model_cfg = opts.base_config or self.implied_model_config(src)
+        transposed = bool(model_cfg and model_cfg.raw.get("model_type") in TRANSPOSED_MODEL_TYPES)
+        found: dict[str, dict[int, dict[str, Any]]] = {}  # module -> nesting depth -> leaf -> tensor
+        for key, t in src.tensors.items():
+            parsed = self.split(key)
+            if parsed is None or parsed[1] not in ("A", "B"):
+                continue
+            module, depth = parsed[0], 0
+            while module.endswith(".base_layer"):
+                module, depth = module.removesuffix(".base_layer"), depth + 1
+            if _targeted_params(module, targets):
+                found.setdefault(module, {}).setdefault(depth, {})[parsed[1]] = (key, t)
+        experts: dict[str, ExpertLoRA] = {}
+        used: set[str] = set()
+        for module, by_depth in found.items():
+            nesting = peft_nesting(_targeted_params(module, targets))
+            for param, nest in nesting.items():
+                parts = by_depth.pop(nest.count("base_layer."), {})
+                if "A" not in parts or "B" not in parts:
+                    raise LayoutError(f"{src.path}: target_parameters {param!r} of {module!r} has no "
+                                      f"{module}.{nest}lora_{'A' if 'A' not in parts else 'B'}.weight; expected both "
+                                      "factors (PEFT would leave it unadapted or random); the file is incomplete",
+                                      layout=self.name, path=str(src.path))
+                name = f"{module}.{param}"
+                r, scale = module_scale(cfg, name)
+                (ka, A), (kb, B) = parts["A"], parts["B"]
+                experts[name] = from_peft(A, B, r, name=name, scale=scale, transposed=transposed)
+                used.update((ka, kb))
+            if by_depth:
+                raise LayoutError(f"{src.path}: {module!r} has LoRA factors nested {sorted(by_depth)} deep but "
+                                  f"target_parameters names {len(nesting)} parameter(s) of it "
+                                  f"({', '.join(nesting)}); fix target_parameters", layout=self.name,
+                                  path=str(src.path))
+        return experts, used
+
+    def expert_tensors(self, experts: dict[str, ExpertLoRA]) -> dict[str, Any]:
+        by_module: dict[str, list[str]] = {}
+        for name in experts:
+            module, _, param = name.rpartition(".")
+            by_module.setdefault(module, []).append(param)
+        out = {}
+        for module, params in by_module.items():
+            for param, nest in peft_nesting(params).items():
+                A, B = to_peft(experts[f"{module}.{param}"])
+                out[f"{self.prefix}{module}.{nest}lora_A.weight"] = A
+                out[f"{self.prefix}{module}.{nest}lora_B.weight"] = B
+        return out
+
     # ------------------------------------------------------------------ writing
     def write_config(self, adapter: Adapter, out: Path, opts: WriteOptions) -> None:
         cfg = adapter.meta.config if adapter.meta.source_layout == "peft" else {}
-        if not (cfg and config_fits(cfg, adapter)):
-            cfg = new_config(adapter, opts)
+        if not (cfg and config_fits(cfg, adapter) and experts_fit(cfg, adapter)):
+            cfg = with_experts(new_config(adapter, opts), adapter, opts)
         write_peft_config(cfg, out / self.config_file)
+
+
+def _targeted_params(module: str, targets: list[str]) -> list[str]:
+    """The parameters of ``module`` that ``target_parameters`` selects (PEFT: the full name
+    ``module.param`` equals an entry or ends with ``"." + entry``)."""
+    out = []
+    for t in targets:
+        param = t.rpartition(".")[2]
+        full = f"{module}.{param}"
+        if param not in out and (full == t or full.endswith("." + t)):
+            out.append(param)
+    return out
+
+
+def experts_fit(cfg: dict[str, Any], adapter: Adapter) -> bool:
+    """Whether ``cfg``'s ``target_parameters``, ranks and alphas describe ``adapter.experts`` exactly."""
+    targets = cfg.get("target_parameters") or []
+    if not adapter.experts:
+        return not targets
+    for name, x in adapter.experts.items():
+        module, _, param = name.rpartition(".")
+        if param not in _targeted_params(module, targets) or module_scale(cfg, name) != (x.rank, x.scale):
+            return False
+    return True
+
+
+def with_experts(cfg: dict[str, Any], adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
+    """``cfg`` (from :func:`new_config`) with ``target_parameters`` and exact per-parameter rank/alpha
+    patterns for ``adapter.experts`` (block-relative names when every block has them, else full names)."""
+    if not adapter.experts:
+        return cfg
+    cfg = dict(cfg, rank_pattern=dict(cfg["rank_pattern"]), alpha_pattern=dict(cfg["alpha_pattern"]))
+    if not adapter.modules:  # the global r/alpha come from the experts
+        ranks = Counter(x.rank for x in adapter.experts.values())
+        cfg["r"] = ranks.most_common(1)[0][0]
+        cfg["lora_alpha"] = Counter(alpha_for(x.scale, x.rank) for x in adapter.experts.values()).most_common(1)[0][0]
+        cfg["target_modules"] = []  # as PEFT 0.21.2 writes an experts-only config
+    for name, x in adapter.experts.items():
+        if x.rank != cfg["r"]:
+            cfg["rank_pattern"][name] = x.rank
+        if alpha_for(x.scale, x.rank) != cfg["lora_alpha"]:
+            cfg["alpha_pattern"][name] = alpha_for(x.scale, x.rank)
+    cfg["target_parameters"] = target_modules(list(adapter.experts), opts, relative=True)
+    return cfg
 
 
 def write_peft_config(cfg: dict[str, Any], path: Path) -> None:
@@ -213,11 +318,12 @@ def layer_subset(names: list[str], opts: WriteOptions) -> list[int] | None:
     return sorted(blocks)
 
 
-def target_modules(names: list[str], opts: WriteOptions) -> list[str]:
-    """Leaf names (``q_proj``) when every leaf type covers every layer, else the full names:
-    PEFT then wraps exactly the modules the file holds (no zero-B modules, no missing-key warnings)."""
+def target_modules(names: list[str], opts: WriteOptions, *, relative: bool = False) -> list[str]:
+    """Leaf names (``q_proj``; block-relative ``mlp.experts.gate_up_proj`` with ``relative``) when
+    every leaf type covers every layer, else the full names: PEFT then wraps exactly the modules
+    the file holds (no zero-B modules, no missing-key warnings)."""
     by_leaf = _blocks_by_leaf(names)
-    if by_leaf is None:
+    if by_leaf is None or not names:
         return sorted(names)
     n_layers = opts.base_config.n_layers if opts.base_config is not None else None
     covered = {frozenset(v) for v in by_leaf.values()}
@@ -229,7 +335,7 @@ def target_modules(names: list[str], opts: WriteOptions) -> list[str]:
         if n_layers is None:
             logger.info("target_modules %s assumes the adapter covers every layer (pass --base-config to check)",
                         quote_list(leaves, 7))
-        return leaves
+        return sorted(by_leaf) if relative else leaves
     return sorted(names)
 
 

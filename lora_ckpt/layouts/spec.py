@@ -64,6 +64,9 @@ class LayoutSpec:
     fused_lora: ClassVar[Literal["plain", "grouped"]] = "plain"
     legacy_names: ClassVar[dict[str, str]] = {}  # module template now -> older template accepted on read
     single_file: ClassVar[str | None] = None  # an output path ending in this suffix is written as one file (gguf)
+    # how the layout holds LoRA on MoE experts (lora_ckpt.experts): fused 3-D "stacked" (PEFT target_parameters),
+    # "per-expert" 2-D modules (experts.{e}.gate_proj ...), or "none" (refused, or dropped with allow_lossy)
+    expert_form: ClassVar[Literal["stacked", "per-expert", "none"]] = "per-expert"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
