@@ -5,9 +5,8 @@ Pure functions over the canonical :class:`~lora_ckpt.adapter.Adapter` and the so
 §14): refused files, and — worse — files that load and silently compute something else.
 
 Targets and the layout each reads: ``peft``, ``vllm`` and ``llama.cpp`` read PEFT directories
-(llama.cpp through ``convert_lora_to_gguf.py``, or a ``.gguf`` adapter directly; its rules are
-:func:`lora_ckpt.layouts.gguf.llamacpp_rules`, shared with ``convert --to gguf``), ``torchtune``
-its epoch directory, ``mlx`` mlx-lm's adapter directory.
+(llama.cpp through ``convert_lora_to_gguf.py``, or a ``.gguf`` directly: ``llamacpp_rules``),
+``torchtune`` its epoch directory, ``mlx`` mlx-lm's adapter directory.
 
 Example:
     >>> report = check_source("adapter/", target="vllm")
@@ -129,8 +128,7 @@ def check_adapter(adapter: Adapter, *, target: str, source: str = "SRC",
     add = report.findings.append
     needs = TARGETS[target]
     if target == "llama.cpp" and src_layout == "gguf":  # llama.cpp reads its own format directly
-        _gguf(adapter, add, source)
-        return report
+        return _gguf(adapter, report, source)
     if src_layout != needs:
         add(Finding("error", f"{target} reads {needs} adapters; this one is {src_layout}",
                     f"lora-ckpt convert {source} --to {needs} -o OUT (exact, verified); the other findings apply to "
@@ -309,22 +307,14 @@ def _vllm_experts(adapter: Adapter, add: Any, source: str) -> None:
 
 def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:
     """convert_lora_to_gguf.py on a PEFT directory, judged by the rule set ``convert --to gguf`` uses."""
-    rules = llamacpp_rules(adapter)
-    gguf = f"lora-ckpt convert {source} --to gguf -o OUT.gguf"
-    if "DoRA magnitudes" in rules.refused or _has(keys, ".lora_magnitude_vector"):
-        add(Finding("error", "DoRA: llama.cpp has no DoRA (convert_lora_to_gguf.py aborts on lora_magnitude_vector)",
-                    f"merge it instead: lora-ckpt merge BASE {source} -o MERGED"))
-    full = rules.refused.get("full tensors (modules_to_save)")
-    if full:
-        add(Finding("error", f"full tensors {quote_list(full, 3)}: llama.cpp LoRA holds none (convert_lora_to_gguf.py "
-                    "aborts: 'Not a lora_A or lora_B tensor')", f"{gguf} --allow-lossy drops them (the same "
-                    "function only if they equal the base weights)"))
-    if "LoRA biases (lora_B.bias)" in rules.refused or _has(keys, ".lora_B.bias"):
-        add(Finding("error", "lora_B.bias: llama.cpp LoRA has no bias (convert_lora_to_gguf.py aborts on it)",
-                    "merge the adapter instead"))
-    if "fan_in_fan_out (Conv1D) modules" in rules.refused:
-        add(Finding("error", "fan_in_fan_out (Conv1D) modules: lora-ckpt cannot name them for llama.cpp",
-                    "merge the adapter instead"))
+    gguf, refused = f"lora-ckpt convert {source} --to gguf -o OUT.gguf", {**llamacpp_rules(adapter).refused}
+    for what, suffix in (("DoRA magnitudes", ".lora_magnitude_vector"), ("LoRA biases (lora_B.bias)", ".lora_B.bias")):
+        refused.setdefault(what, [k for k in keys if k.endswith(suffix)])  # in the file, though the config disowns
+    for what, names in ((w, n) for w, n in refused.items() if n):
+        add(Finding("error", f"{what} ({quote_list(names, 3)}): llama.cpp cannot apply them (convert_lora_to_gguf.py "
+                    "aborts on them)", f"{gguf} --allow-lossy drops them (the same function only if they equal the "
+                    "base weights)" if what.startswith("full") else f"merge it instead: lora-ckpt merge BASE {source} "
+                    "-o MERGED"))
     alpha = cfg.get("lora_alpha")
     if isinstance(alpha, (int, float)):
         ranks = adapter.ranks()
@@ -344,15 +334,13 @@ def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys
         add(Finding("warning", "no base_model_name_or_path: pass --base BASE_DIR to convert_lora_to_gguf.py"))
 
 
-def _gguf(adapter: Adapter, add: Any, source: str) -> None:
-    """A GGUF adapter, checked with the rule set its writer applies (what llama.cpp's loader computes)."""
-    rules = llamacpp_rules(adapter)
-    if rules.folded:
-        add(Finding("error", f"{len(rules.folded)} module(s) have a scale other than adapter.lora.alpha/rank "
-                    f"({quote_list(rules.folded, 3)})", f"lora-ckpt convert {source} --to gguf -o OUT.gguf"))
-    for note in adapter.meta.notes:
-        if "FLOAT32" in note:
-            add(Finding("error", note, f"lora-ckpt convert {source} --to gguf -o OUT.gguf"))
+def _gguf(adapter: Adapter, report: CheckReport, source: str) -> CheckReport:
+    """A GGUF adapter, by the rule set its writer applies (what llama.cpp's loader computes)."""
+    folded = llamacpp_rules(adapter).folded
+    whats = [n for n in adapter.meta.notes if "FLOAT32" in n] + (
+        [f"{len(folded)} module(s) have a scale other than alpha/rank ({quote_list(folded, 3)})"] if folded else [])
+    report.findings += [Finding("error", w, f"lora-ckpt convert {source} --to gguf -o OUT.gguf") for w in whats]
+    return report
 
 
 def _scales(adapter: Adapter, scale_of: Any, add: Any, why: str, source: str) -> None:
