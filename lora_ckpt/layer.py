@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ from .keys import ADAPTER_PARAMS, ALIASES
 __all__ = ["LoRALinear"]
 
 logger = logging.getLogger(__name__)
+
+_Layer = TypeVar("_Layer", bound="LoRALinear")
 
 
 class LoRALinear(nn.Module):
@@ -57,36 +59,58 @@ class LoRALinear(nn.Module):
         <All keys matched successfully>
     """
 
+    linear: nn.Linear  # the base (for LoRAConv1D a transformers Conv1D: same weight/bias attributes)
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+
+    #: the exact base type whose forward is ``x @ Wᵀ + b`` (the fast path runs only for it)
+    base_type: ClassVar[type[nn.Module]] = nn.Linear
+    #: the base stores its weight (in, out), as transformers' ``Conv1D`` does, instead of (out, in)
+    fan_in_fan_out: ClassVar[bool] = False
+
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, *,
                  dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        base = self.make_base(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, r: int, alpha: float, dropout: float = 0.0,
-                    use_rslora: bool = False) -> LoRALinear:
+    def make_base(cls, in_features: int, out_features: int, *, bias: bool,
+                  device: torch.device | str | None, dtype: torch.dtype | None) -> nn.Module:
+        """A new base module of :attr:`base_type` (``nn.Linear`` here)."""
+        return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+
+    @staticmethod
+    def base_features(base: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)`` of a base module (from its (out, in) weight)."""
+        out_features, in_features = _weight_of(base).shape
+        return in_features, out_features
+
+    @classmethod
+    def from_linear(cls: type[_Layer], linear: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
+                    use_rslora: bool = False) -> _Layer:
         """Wrap an existing ``nn.Linear`` (its weight is shared, not copied).
 
         The adapter is created on the Linear's device and dtype (``meta`` stays ``meta``).
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, cls.base_type):
+            raise TypeError(f"{cls.__name__}.from_linear expects an {cls.base_type.__name__}, "
+                            f"got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         return self
 
-    def _setup(self, linear: nn.Linear, *, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+    def _setup(self, linear: nn.Module, *, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
         w = linear.weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features = self.base_features(linear)
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.linear = linear
-        self.lora_A = nn.Linear(linear.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, linear.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.linear = linear  # type: ignore[assignment]  # nn.Linear or a Conv1D
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.linear.requires_grad_(False)
@@ -114,13 +138,28 @@ class LoRALinear(nn.Module):
             return self.linear(x)
         w, bias = self.linear.weight, self.linear.bias
         a, b = self.lora_A.weight, self.lora_B.weight
-        fast = (type(self.linear) is nn.Linear and not w.requires_grad and (bias is None or not bias.requires_grad)
-                and x.dtype == w.dtype == a.dtype == b.dtype
-                and (isinstance(self.dropout, nn.Identity) or not self.training))
-        if fast:
+        if self.fan_in_fan_out:
+            w = w.t()  # (out, in) view of the (in, out) weight: the GEMMs read it transposed, no copy
+        frozen = (type(self.linear) is self.base_type and not w.requires_grad
+                  and (bias is None or not bias.requires_grad)
+                  and (isinstance(self.dropout, nn.Identity) or not self.training))
+        amp = _autocast_dtype(x)
+        if frozen and amp is None and x.dtype == w.dtype == a.dtype == b.dtype:
             return _LoRAFunction.apply(x, w, bias, a, b, self.scaling)
-        # General path (base trains, dropout active, mixed dtypes, Linear subclasses): autograd
-        # over the same two GEMMs, the adapter GEMM adding into the base output of a 2-D input.
+        if frozen and amp is not None and all(t.dtype in _AMP_ELIGIBLE for t in (x, w, a, b)):
+            # Autocast casts every floating input of a matmul to ``amp`` (as it would for the two
+            # F.linear calls of PEFT's forward); do those casts once here and run the same two
+            # GEMMs in ``amp`` with autocast off, so the in-place accumulation sees one dtype.
+            with torch.autocast(x.device.type, enabled=False):
+                return _LoRAFunction.apply(x.to(amp), w.to(amp), None if bias is None else bias.to(amp),
+                                           a.to(amp), b.to(amp), self.scaling)
+        return self._general_forward(x)
+
+    def _general_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base trains, dropout active, mixed dtypes, Linear subclasses: autograd over the same
+        two GEMMs, the adapter GEMM adding into the base output of a 2-D input. Under autocast
+        every matmul runs in autocast's dtype, as in PEFT."""
+        a, b = self.lora_A.weight, self.lora_B.weight
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         out = self.linear(x2)
@@ -132,6 +171,16 @@ class LoRALinear(nn.Module):
         """``scaling * B @ A`` in float32, shape (out, in)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def _stored_delta(self) -> torch.Tensor:
+        d = self.delta_weight()
+        return d.t() if self.fan_in_fan_out else d
+
+    def merged_weight(self) -> torch.Tensor:
+        """``linear.weight + scaling * B @ A`` as the base stores it ((in, out) for ``fan_in_fan_out``),
+        computed in float32 and cast once to the weight's dtype; the layer is not modified."""
+        w = self.linear.weight.detach()
+        return w if self.merged else (w.float() + self._stored_delta()).to(w.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``linear.weight`` (computed in float32, cast back once).
@@ -141,8 +190,7 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             raise MergedLayerError("layer is already merged; call unmerge() first")
-        w = self.linear.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.linear.weight.copy_(self.merged_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -155,7 +203,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise MergedLayerError("layer is not merged; nothing to unmerge")
         w = self.linear.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        w.copy_((w.float() - self._stored_delta()).to(w.dtype))
         self.merged = False
 
     # ------------------------------------------------------------------- state dicts
@@ -229,6 +277,32 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         state_dict[prefix + "lora_A.weight"] = a
         state_dict[prefix + "lora_B.weight"] = torch.zeros(self.out_features, self.r, device=device, dtype=like.dtype)
+
+
+def _weight_of(base: nn.Module) -> torch.Tensor:
+    w = base.weight
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise TypeError(f"{type(base).__name__} has no 2-D weight; LoRA layers wrap Linear-like modules")
+    return w
+
+
+#: dtypes autocast casts (float64 is left alone, so a float64 input takes the general path)
+_AMP_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+#: device type -> whether autocast exists for it (``meta`` has none); filled on first use
+_AMP_AVAILABLE: dict[str, bool] = {}
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``x``'s device, or None when autocast is off there."""
+    device = x.device.type
+    available = _AMP_AVAILABLE.get(device)
+    if available is None:
+        available = _AMP_AVAILABLE[device] = torch.amp.is_autocast_available(device)
+    if available and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 class _LoRAFunction(torch.autograd.Function):
