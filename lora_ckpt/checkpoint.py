@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .bnb import bnb_4bit_weights, from_bnb_state_dict
 from .errors import (
     CheckpointNotFoundError,
     KeyMismatchError,
@@ -22,6 +23,7 @@ from .errors import (
 )
 from .io import PathLike, checkpoint_files, load_tensors
 from .keys import split_key
+from .nf4 import releasing_file_pages
 
 __all__ = ["LoadResult", "load_checkpoint", "read_checkpoint"]
 
@@ -70,6 +72,13 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
     what is. Tied parameters (``tie_word_embeddings``) load as transformers loads them: a
     checkpoint holding one of the tied keys fills all of them, the tie is kept (one
     ``Parameter``), and the absent key is not "missing".
+    A sharded model (FSDP2, DTensor parameters) is loaded rank by rank: see
+    :func:`lora_ckpt.distributed.load_sharded`.
+    Layers with an NF4 base (``quantize_base=True``) quantize their weights tensor by tensor as they
+    load and release the file pages they read, so peak memory is the quantized model plus one chunk.
+    A bitsandbytes 4-bit checkpoint (``Linear4bit`` keys) is read through
+    :func:`lora_ckpt.bnb.from_bnb_state_dict` into such a model (every 4-bit code kept, the block
+    scales re-encoded: less than one NF4 code step).
 
     Args:
         model: the model to load into.
@@ -94,10 +103,17 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
         >>> inject_lora(model, targets=["q_proj", "v_proj"], r=8, alpha=16)
         >>> load_checkpoint(model, "llama/")   # strict=True, adapters start as no-ops
     """
+    from .distributed import is_sharded, load_sharded
+
+    if is_sharded(model):  # FSDP2 (DTensor parameters): each rank reads only the rows it owns
+        return LoadResult(*load_sharded(model, source, strict=strict))
     state = read_checkpoint(source)
+    if bnb_4bit_weights(state):  # a bitsandbytes 4-bit checkpoint: its weights become NF4Tensors, one at a time
+        state = from_bnb_state_dict(state)
     assign = any(p.device.type == "meta" for p in model.parameters())
     ties = _tie_groups(model)
-    result = model.load_state_dict(state, strict=False, assign=assign)
+    with releasing_file_pages():  # NF4 layers quantize these fresh file-backed tensors and drop their pages
+        result = model.load_state_dict(state, strict=False, assign=assign)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if ties:
         missing = _load_ties(model, ties, state, missing, assign=assign, source=source)

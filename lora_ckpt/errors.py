@@ -37,10 +37,13 @@ __all__ = [
     "MergedLayerError",
     "MetaTensorError",
     "MissingConfigError",
+    "MissingDependencyError",
     "NotACheckpointError",
     "NotCachedError",
     "OutputExistsError",
     "OutputPathError",
+    "QuantizationError",
+    "QuantizedMergeError",
     "RepoNotFoundError",
     "RevisionNotFoundError",
     "ShapeMismatchError",
@@ -164,6 +167,27 @@ class KeyMismatchError(StateDictError):
 
 class MergedLayerError(LoraCkptError, RuntimeError):
     """An operation that is wrong on a merged LoRA layer (or on an unmerged one)."""
+
+
+class QuantizedMergeError(MergedLayerError):
+    """``merge()`` asked of a LoRA layer whose base is quantized (NF4): it cannot hold the merged weight."""
+
+
+class QuantizationError(StateDictError):
+    """A weight that cannot be quantized as asked (a size NF4 cannot block, a non-float dtype)."""
+
+    def __init__(self, message: str, *, key: str | None = None, shape: tuple[int, ...] | None = None) -> None:
+        super().__init__(message, key=key)
+        self.shape = shape
+
+
+class MissingDependencyError(LoraCkptError, ImportError):
+    """An optional dependency that a requested feature needs is not installed (``pip install lora-ckpt[extra]``)."""
+
+    def __init__(self, message: str, *, package: str, extra: str | None = None) -> None:
+        super().__init__(message)
+        self.package = package
+        self.extra = extra
 
 
 class TargetNotFoundError(LoraCkptError, ValueError):

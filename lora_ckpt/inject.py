@@ -17,9 +17,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import AlreadyWrappedError, StateDictError, TargetNotFoundError, UnsupportedModuleError, quote_list
+from .errors import (
+    AlreadyWrappedError,
+    QuantizationError,
+    StateDictError,
+    TargetNotFoundError,
+    UnsupportedModuleError,
+    quote_list,
+)
 from .keys import matches_target
-from .layer import LoRALinear
+from .layer import DEFAULT_SEED, LoRALinear
+from .nf4 import check_quantizable
 
 __all__ = ["Injected", "adapter_state_dict", "inject_lora", "lora_class_for", "lora_modules",
            "mark_only_lora_trainable", "matches_target", "stock_state_dict"]
@@ -63,7 +71,8 @@ def lora_class_for(module: nn.Module) -> type[LoRALinear] | None:
 
 
 def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha: float,
-                dropout: float = 0.0, use_rslora: bool = False) -> Injected:
+                dropout: float = 0.0, use_rslora: bool = False, quantize_base: bool = False,
+                seed: int = DEFAULT_SEED) -> Injected:
     """Replace the targeted ``nn.Linear`` / ``Conv1D`` submodules of ``model`` with LoRA layers, in place.
 
     Base weights are shared, not copied; on a ``meta`` model the adapters are ``meta`` too and
@@ -81,6 +90,11 @@ def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha
         alpha: adapter alpha (``scaling = alpha / r``).
         dropout: adapter dropout.
         use_rslora: ``scaling = alpha / sqrt(r)``.
+        quantize_base: hold the new layers' base weights in NF4 (QLoRA; ``pip install
+            lora-ckpt[nf4]``). On a ``meta`` model nothing is quantized until a checkpoint is
+            loaded, tensor by tensor.
+        seed: fresh ``lora_A`` are drawn from ``seed`` and the module name alone
+            (:func:`lora_ckpt.layer.draw_lora_A`): the same on 1 or N ranks, in any process.
 
     Returns:
         The names of the newly wrapped modules, in model order (an :class:`Injected` list).
@@ -91,6 +105,8 @@ def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha
             ``Conv1D`` (an ``nn.Embedding``, a whole attention block, ...).
         AlreadyWrappedError: every matched module is already wrapped, or some are wrapped with
             another ``r``/``alpha``/``use_rslora``.
+        QuantizationError: ``quantize_base`` and NF4 cannot block a targeted weight, or it is a
+            ``Conv1D`` (checked for all targets before any module is replaced).
 
     Example:
         >>> names = inject_lora(model, targets=["q_proj", "v_proj"], r=8, alpha=16)
@@ -118,13 +134,23 @@ def inject_lora(model: nn.Module, *, targets: str | Sequence[str], r: int, alpha
     _check_already_wrapped(wrapped, targets, r=r, alpha=alpha, use_rslora=use_rslora,
                            new=len(matched) - len(before))
     new = [n for n in matched if n not in before]
+    if quantize_base:
+        for name in new:
+            if lora_class_for(candidates[name]) is not LoRALinear:
+                raise QuantizationError(
+                    f"{name!r} is a {type(candidates[name]).__name__}: quantize_base=True wraps nn.Linear only; "
+                    "expected Linear targets; leave it out of the targets", key=f"{name}.weight")
+            weight = candidates[name].weight
+            assert isinstance(weight, torch.Tensor)
+            check_quantizable(weight.shape, key=f"{name}.weight")
     for name in new:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         cls = lora_class_for(base)
         assert cls is not None  # checked above
-        setattr(parent, child, cls.from_linear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora))
+        setattr(parent, child, cls.from_linear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                                 quantize_base=quantize_base, name=name, seed=seed))
     mark_only_lora_trainable(model)
     if before:
         logger.info("inject_lora: %d matched module(s) already wrapped, left as they are: %s", len(before),
@@ -207,7 +233,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def stock_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """The state dict of the same model without LoRA: adapters merged (float32 math, cast once
     to the weight's dtype), keys as a plain ``nn.Linear`` names them, in the plain model's
-    order. ``model`` is not modified.
+    order. ``model`` is not modified. An NF4 base is dequantized (one tensor at a time) first.
 
     Raises:
         StateDictError: a non-zero adapter on a tied weight (its merge would untie the tied keys).

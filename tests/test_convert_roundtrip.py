@@ -7,6 +7,7 @@ test_convert_refusals.py.
 import hashlib
 import itertools
 import json
+import os
 import shutil
 from typing import get_args
 
@@ -49,6 +50,14 @@ def read_tensors(path) -> dict[str, torch.Tensor]:
         kinds = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
         return {t.name: torch.frombuffer(bytearray(t.data.tobytes()), dtype=kinds[t.tensor_type.name])
                 .reshape([int(d) for d in reversed(t.shape)]) for t in gguf.GGUFReader(path).tensors}
+    if path.endswith(".metadata"):  # a torch.distributed.checkpoint directory: its tensors, by torch's reader
+        import torch.distributed.checkpoint as dcp
+
+        reader = dcp.FileSystemReader(os.path.dirname(path))
+        entries = reader.read_metadata().state_dict_metadata
+        dcp_out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items() if hasattr(m, "chunks")}
+        dcp.load(dcp_out, storage_reader=reader, no_dist=True)
+        return dcp_out
     out = load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
     if set(out) == {"model"} and isinstance(out["model"], dict):  # LitGPT's {"model": lora tensors}
         out = out["model"]
