@@ -316,7 +316,7 @@ class _Tracer:
         from safetensors import torch as st
 
         import lora_ckpt.conversion as cv
-        import lora_ckpt.files as files
+        import lora_ckpt.io.tensors as files
         import lora_ckpt.layouts.base as base
 
         self.events: list[dict] = []
@@ -417,7 +417,7 @@ def compare_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> tuple[bool, int | N
 def describe_difference(orig: Path, new: Path) -> dict:
     """Byte comparison of two safetensors files, and if they differ, where: header or data, and
     for tensors, which ones (compared by name, independent of order)."""
-    from lora_ckpt.files import read_safetensors_header
+    from lora_ckpt.io import read_safetensors_header
 
     same, at = compare_bytes(orig, new)
     res: dict = {"identical": same}

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from .adapter import Adapter, alpha_for
 from .errors import ConversionError, LoraCkptError, UsageError, quote_list
 from .families import FAMILIES, parse_layer
-from .files import PathLike
+from .hub.client import fetch_model_config
+from .io import PathLike
 from .keys import matches_target
 from .layouts import LAYOUTS, WriteOptions, detect_layout, load_adapter
 from .layouts.mlx import blocks, num_layers_refused, partial_dora, placement
@@ -98,7 +99,8 @@ def check_source(source: PathLike, *, target: str, layout: str | None = None, ba
         LoraCkptError: the source cannot be read at all (its own message says why).
     """
     _target(target)
-    adapter = load_adapter(source, layout=layout, base_config=base_config, alpha=alpha)
+    adapter = load_adapter(source, layout=layout, base_config=base_config, alpha=alpha,
+                           resolve_base_config=fetch_model_config)
     root = Path(source) if Path(source).is_dir() else Path(source).parent
     if adapter.meta.source_layout == "torchtune" and TARGETS[target] == "peft":
         export = torchtune_export(root, adapter)
@@ -373,7 +375,8 @@ def torchtune_export(root: Path, ours: Adapter) -> tuple[Path, Adapter, VerifyRe
     export = root / "adapter_model.safetensors"
     if not export.is_file():
         return None
-    theirs = load_adapter(export, layout="peft", base_config=ours.meta.model_config)
+    theirs = load_adapter(export, layout="peft", base_config=ours.meta.model_config,
+                          resolve_base_config=fetch_model_config)
     return export, theirs, compare_adapters(ours, theirs)
 
 

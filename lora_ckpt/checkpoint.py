@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .errors import KeyMismatchError, quote_list
-from .files import PathLike, checkpoint_files, load_tensors
+from .io import PathLike, checkpoint_files, load_tensors
 
 __all__ = ["LoadResult", "load_checkpoint", "read_checkpoint"]
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .check import TARGETS
-from .errors import LoraCkptError
+from .check import TARGETS, check_source
+from .errors import LoraCkptError, UsageError
+from .hub.client import pull, resolve_source
 from .layouts import layout_names
+from .report import format_report, inspect_source
 
 __all__ = ["main"]
 
@@ -43,8 +47,6 @@ def _source(args: argparse.Namespace, value: str, *, layout: str | None = "from"
     """A local path for ``value``; ``hf://ORG/NAME[@REV][/SUBDIR]`` is downloaded first (only the
     files of ``--from``'s layout, any layout's, or with ``layout="model"`` a base model's)."""
     if value.startswith("hf://"):
-        from .hub import resolve_source
-
         chosen = getattr(args, "from_", None) if layout == "from" else layout
         return str(resolve_source(value, layout=chosen, quiet=args.quiet))
     return value
@@ -56,8 +58,6 @@ def _base_config(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .report import format_report, inspect_source
-
     rep = inspect_source(_source(args, args.src), layout=args.from_, base_config=_base_config(args), alpha=args.alpha,
                          values=args.values)
     print(json.dumps(rep.to_json(), indent=2) if args.json else format_report(rep))
@@ -67,9 +67,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _dtype(name: str | None):  # noqa: ANN202 - torch is imported lazily
     if name is None:
         return None
-    import torch
-
-    from .errors import UsageError
+    import torch  # torch-free --help and inspect
 
     dt = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dt, torch.dtype):
@@ -78,7 +76,7 @@ def _dtype(name: str | None):  # noqa: ANN202 - torch is imported lazily
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .conversion import convert
+    from .conversion import convert  # imports torch: --help and inspect stay torch-free
 
     res = convert(_source(args, args.src), args.output, to=args.to, from_=args.from_,
                   base_config=_base_config(args), alpha=args.alpha, dtype=_dtype(args.dtype), force=args.force,
@@ -92,7 +90,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .conversion import verify
+    from .conversion import verify  # imports torch: --help and inspect stay torch-free
 
     rep = verify(_source(args, args.a), _source(args, args.b), base_config=_base_config(args), alpha=args.alpha,
                  tolerance=args.tolerance)
@@ -104,7 +102,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_checkpoint
+    from .merge import merge_checkpoint  # imports torch: --help and inspect stay torch-free
 
     res = merge_checkpoint(_source(args, args.base, layout="model"), _source(args, args.adapter), args.output,
                            dtype=_dtype(args.dtype), max_shard_size=args.max_shard_size, to=args.to,
@@ -115,8 +113,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from .hub import pull
-
     path = pull(args.repo, args.output, revision=args.revision, layout=args.layout, force=args.force,
                 quiet=args.quiet)
     print(f"pulled {args.repo} to {path}")
@@ -124,7 +120,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push
+    from .hub.publish import push  # imports torch: --help and inspect stay torch-free
 
     res = push(_source(args, args.src), args.repo, to=args.to, private=args.private, branch=args.branch,
                commit_message=args.commit_message, base_config=_base_config(args), base_model=args.base_model,
@@ -134,8 +130,6 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .check import check_source
-
     rep = check_source(_source(args, args.src), target=args.for_, layout=args.from_, base_config=_base_config(args),
                        alpha=args.alpha)
     print(json.dumps(rep.to_json(), indent=2) if args.json else rep.format())
@@ -143,7 +137,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # imports torch: --help and inspect stay torch-free
 
     print(run_demo(args.fixture))
     return 0
@@ -282,13 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
                         stream=sys.stderr)
-    import warnings
-
     # torch warns at import when numpy is absent; lora-ckpt never needs numpy
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     if args.quiet:
-        import os
-
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         os.environ["TQDM_DISABLE"] = "1"
     try:

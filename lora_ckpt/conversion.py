@@ -22,7 +22,8 @@ import torch
 from .adapter import Adapter, ModuleLoRA
 from .errors import VerificationError, quote_list
 from .families import ModelConfig
-from .files import PathLike, release_file_pages
+from .hub.client import fetch_model_config
+from .io import PathLike, release_file_pages
 from .layouts import detect_layout, get_layout, load_adapter, save_adapter
 
 __all__ = ["ConvertResult", "VerifyReport", "compare_adapters", "convert", "verify"]
@@ -159,8 +160,9 @@ def verify(a: PathLike, b: PathLike, *, base_config: PathLike | ModelConfig | No
            alpha: float | None = None, tolerance: float | None = None) -> VerifyReport:
     """Compare two adapters in any layouts (see :func:`compare_adapters`)."""
     with one_thread():
-        return compare_adapters(load_adapter(a, base_config=base_config, alpha=alpha),
-                                load_adapter(b, base_config=base_config, alpha=alpha), tolerance=tolerance)
+        return compare_adapters(load_adapter(a, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config),
+                                load_adapter(b, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config),
+                                tolerance=tolerance)
 
 
 @contextlib.contextmanager
@@ -221,7 +223,7 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
              alpha: float | None, dtype: torch.dtype | None, force: bool, allow_lossy: bool,
              verify_output: bool) -> ConvertResult:
     det = detect_layout(source, layout=from_)
-    adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha)
+    adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config)
     reports: list[VerifyReport] = []
 
     def release(*mods: ModuleLoRA) -> None:  # memory-mapped pages leave RSS as soon as a module is done
@@ -230,7 +232,8 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
     def check(tmp: Path, written: Adapter) -> None:
         release(*adapter.modules.values())  # the write touched every source page
         # no NaN/Inf scan of the read-back: the bitwise comparison with the scanned source covers it
-        back = load_adapter(tmp, layout=to, base_config=base_config or written.meta.model_config, scan_values=False)
+        back = load_adapter(tmp, layout=to, base_config=base_config or written.meta.model_config, scan_values=False,
+                            resolve_base_config=fetch_model_config)
         report = compare_adapters(written, back, after_module=release)
         expected = get_layout(to).drop_unsupported(adapter, allow_lossy=True)  # what was meant to be written
         kept = Adapter({n: m for n, m in written.modules.items() if n in expected.modules}, written.extra)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .files import PathLike
+from .io import PathLike
 from .inject import adapter_state_dict, inject_lora, stock_state_dict
 
 __all__ = ["MetaTransformer", "run_demo"]

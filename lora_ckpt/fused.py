@@ -24,7 +24,7 @@ Rules (all exact; scale differences are folded into B in float32):
 * group / ungroup: the grouped storage above; parts are zero-padded to a common rank.
 
 Nothing here imports torch at module level (``inspect`` reads shapes only, as
-:class:`~lora_ckpt.files.TensorMeta`).
+:class:`~lora_ckpt.io.TensorMeta`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .adapter import ModuleLoRA
 from .errors import ConversionError, LayoutError, UnsupportedAdapterError, quote_list
 from .families import Family, Fused, ModelConfig, template_regex
-from .index import TensorMeta
+from .io import TensorMeta
 
 if TYPE_CHECKING:
     import torch

@@ -42,12 +42,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from .adapter import Adapter, ModuleLoRA
 from .conversion import one_thread
 from .errors import CheckpointFormatError, ConversionError, MissingConfigError, UsageError, quote_list
 from .families import ModelConfig, load_model_config, model_config_from_dict
-from .files import DTYPES, PathLike, atomic_output, checkpoint_files, read_json, read_safetensors_header
+from .hub.client import fetch_model_config
+from .io import DTYPES, PathLike, atomic_output, checkpoint_files, read_json, read_safetensors_header
+from .layouts import load_adapter
+from .layouts.mistral import params_json
 from .stream import BaseTensor, OutTensor, Streamer, plan_shards, write_shard
 
 __all__ = ["MergeResult", "merge_checkpoint", "parse_size"]
@@ -335,9 +339,8 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
     if isinstance(adapter, Adapter):
         ad, inputs = adapter, (base,)
     else:
-        from .layouts import load_adapter
-
-        ad, inputs = load_adapter(adapter, base_config=cfg, alpha=alpha), (base, adapter)
+        ad = load_adapter(adapter, base_config=cfg, alpha=alpha, resolve_base_config=fetch_model_config)
+        inputs = (base, adapter)
     for note in ad.meta.notes:
         logger.info("adapter: %s", note)
     planner = _Planner(sources, ad, raw, cfg, to=to, dtype=dtype, untie=untie)
@@ -348,8 +351,6 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
                     to, total / 1e9)
     shards = plan_shards(plan, limit if to == "hf" else None)
     names = _file_names(len(shards), to)
-    from tqdm.auto import tqdm
-
     with atomic_output(out, force=force, inputs=inputs) as tmp:
         tmp.mkdir()
         with ExitStack() as stack:
@@ -367,8 +368,6 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _companions(base_path, tmp, raw, dtype=dtype, untied=planner.untied)
         if to == "meta":
-            from .layouts.mistral import params_json
-
             (tmp / "params.json").write_text(json.dumps(params_json(cfg), indent=4))  # type: ignore[arg-type]
     res = MergeResult(Path(out), to, sum(o.lora is not None for o in plan), planner.replaced, len(plan), total,
                       names, time.perf_counter() - t0, list(ad.meta.notes))

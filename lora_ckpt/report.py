@@ -13,8 +13,16 @@ from .adapter import Adapter
 from .check import misnamed_modules, torchtune_export
 from .errors import LoraCkptError, MissingConfigError, UnknownLayoutError, quote_list
 from .families import ModelConfig, load_model_config
-from .files import DTYPES, PathLike, checkpoint_files, load_pickle, read_safetensors_header
-from .index import VALUE_SCAN_LIMIT, nonfinite_tensors
+from .hub.client import fetch_model_config
+from .io import (
+    DTYPES,
+    VALUE_SCAN_LIMIT,
+    PathLike,
+    checkpoint_files,
+    load_pickle,
+    nonfinite_tensors,
+    read_safetensors_header,
+)
 from .keys import LEAF_ROLES, TRANSPOSED_LEAVES, split_key
 from .layouts import detect_layout, load_adapter, read_detected
 
@@ -181,10 +189,10 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
     cfg = load_model_config(base_config) if base_config else None
     warnings: list[str] = []
     try:
-        adapter = read_detected(det, base_config=cfg, alpha=alpha, use_hub=False)
+        adapter = read_detected(det, base_config=cfg, alpha=alpha)
     except MissingConfigError as e:  # e.g. loralib without --alpha: report shapes, say what is missing
         try:
-            adapter = read_detected(det, base_config=cfg, alpha=1.0, use_hub=False)
+            adapter = read_detected(det, base_config=cfg, alpha=1.0)
         except MissingConfigError:  # not (only) the scale: head counts, a family's names ...
             raise e from None
         warnings.append(f"scale unknown ({e}); scales below assume alpha=1")
@@ -233,7 +241,8 @@ def _prefix_warnings(adapter: Adapter) -> list[str]:
 def _torchtune_export_check(root: Path, cfg: ModelConfig | None) -> list[str]:
     """torchtune writes a PEFT-keyed copy beside adapter_model.pt; 0.6.1's is wrong for DoRA and Qwen."""
     try:
-        found = torchtune_export(root, load_adapter(root, layout="torchtune", base_config=cfg))
+        found = torchtune_export(root, load_adapter(root, layout="torchtune", base_config=cfg,
+                                                       resolve_base_config=fetch_model_config))
     except LoraCkptError as e:
         return [f"could not check adapter_model.safetensors against adapter_model.pt: {e}"]
     if found is None or found[2].ok:

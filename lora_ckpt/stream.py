@@ -22,7 +22,7 @@ import torch
 
 from .adapter import ModuleLoRA
 from .errors import CheckpointFormatError, ConversionError
-from .files import DTYPES, TensorInfo, read_safetensors_header
+from .io import DTYPES, TensorInfo, read_safetensors_header
 from .rope import rotate_half_to_interleaved
 
 __all__ = ["BaseTensor", "OutTensor", "Streamer", "plan_shards", "shard_header", "write_shard"]

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from lora_ckpt import errors as E
 from lora_ckpt.cli import main
-from lora_ckpt.files import read_safetensors_header
+from lora_ckpt.io import read_safetensors_header
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 LLAMA_CFG = FIX / "hf/llama/config.json"

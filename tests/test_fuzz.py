@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from lora_ckpt.errors import LoraCkptError
 from lora_ckpt.families import model_config_from_dict
-from lora_ckpt.files import read_json, read_safetensors_header
-from lora_ckpt.index import tensor_index
+from lora_ckpt.io import read_json, read_safetensors_header, tensor_index
 from lora_ckpt.keys import split_key
 from lora_ckpt.layouts import LAYOUTS
 from lora_ckpt.layouts.peft import module_scale

@@ -28,6 +28,7 @@ from lora_ckpt.errors import (
     RevisionNotFoundError,
     UnsafeRepoError,
 )
+from lora_ckpt.hub import client as hub_client
 from lora_ckpt.layouts import load_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -202,23 +203,29 @@ def test_base_config_fetched_from_the_hub_when_needed(hub, tmp_path, monkeypatch
     src.mkdir()
     for name, data in peft_files(base=base).items():
         (src / name).write_bytes(data)
+
+    def read():
+        return load_adapter(src, resolve_base_config=lhub.fetch_model_config)
+
     hub.clear_log()
-    adapter = load_adapter(src)
+    no_resolver = load_adapter(src)  # the layout registry itself never reaches the network
+    assert no_resolver.meta.model_config is None and hub.log() == []
+    adapter = read()
     assert adapter.meta.model_config is not None and adapter.meta.family == "llama"
     assert any("fetched from the Hub" in n for n in adapter.meta.notes)
     assert fetched(hub) == {"config.json"}
     hub.clear_log()
-    assert any("Hugging Face cache" in n for n in load_adapter(src).meta.notes)
+    assert any("Hugging Face cache" in n for n in read().meta.notes)
     assert hub.log() == []  # second time: from the cache, no request
 
     missing = new_repo_id("no-base")
     (src / "adapter_config.json").write_bytes(peft_files(base=missing)["adapter_config.json"])
-    adapter = load_adapter(src)  # a note, not an error
+    adapter = read()  # a note, not an error
     assert adapter.meta.model_config is None
     assert any(missing in n and "not fetched" in n and "repo not found" in n for n in adapter.meta.notes)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub.clear_log()
-    assert any("HF_HUB_OFFLINE=1" in n for n in load_adapter(src).meta.notes) and hub.log() == []
+    assert any("HF_HUB_OFFLINE=1" in n for n in read().meta.notes) and hub.log() == []
 
 
 def test_unreachable_hub_is_a_quick_note_not_twenty_seconds_of_retries(hub, monkeypatch):
@@ -227,7 +234,7 @@ def test_unreachable_hub_is_a_quick_note_not_twenty_seconds_of_retries(hub, monk
     dead = "http://127.0.0.1:9"  # nothing listens on the discard port: connection refused
     monkeypatch.setattr(constants, "ENDPOINT", dead)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(lhub, "_UNREACHABLE", set())
+    monkeypatch.setattr(hub_client, "_UNREACHABLE", set())
     start = time.monotonic()
     path, note = lhub.fetch_model_config(new_repo_id("base"))
     assert path is None and "unreachable" in note and dead in note

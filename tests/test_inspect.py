@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_ckpt.cli import LAYOUT_NAMES, main
-from lora_ckpt.index import TensorMeta, tensor_index
+from lora_ckpt.io import TensorMeta, tensor_index
 from lora_ckpt.layouts import LAYOUTS
 from lora_ckpt.report import AdapterReport, inspect_source
 
@@ -42,7 +42,7 @@ def test_pickle_index_reads_shapes_without_torch_and_matches_torch_load():
     for k, t in real.items():
         assert isinstance(idx[k], TensorMeta) and idx[k].shape == tuple(t.shape)
         assert idx[k].dtype == str(t.dtype).removeprefix("torch.")
-    code = ("import sys; from lora_ckpt.index import tensor_index; tensor_index(sys.argv[1]); "
+    code = ("import sys; from lora_ckpt.io import tensor_index; tensor_index(sys.argv[1]); "
             "assert 'torch' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code, str(path)]).returncode == 0
 

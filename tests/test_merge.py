@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import lora_ckpt.stream as stream_mod
 from lora_ckpt.cli import main
 from lora_ckpt.errors import ConversionError, OutputExistsError, OutputPathError, UsageError
-from lora_ckpt.files import read_safetensors_header
+from lora_ckpt.io import read_safetensors_header
 from lora_ckpt.merge import merge_checkpoint, parse_size
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"

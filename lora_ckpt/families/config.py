@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, MissingConfigError
-from ..files import PathLike, read_json
+from ..io import PathLike, read_json
 from .names import parse_layer
 from .tables import FAMILIES, Family, family_for_model_type
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter
+from ..errors import LoraCkptError
 from ..families import ModelConfig, load_model_config
-from ..files import PathLike, atomic_output
+from ..io import PathLike, atomic_output
 from .base import Layout
 from .registry import LAYOUTS, Detected, detect_layout, get_layout, layout_names
 from .source import ReadOptions, Source, WriteOptions
@@ -30,10 +31,16 @@ from .spec import Detection, ScalePolicy
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LAYOUTS", "Detected", "Detection", "Layout", "ReadOptions", "ScalePolicy", "Source", "WriteOptions",
-           "detect_layout", "get_layout", "layout_names", "load_adapter", "read_detected", "save_adapter"]
+__all__ = ["LAYOUTS", "BaseConfigResolver", "Detected", "Detection", "Layout", "ReadOptions", "ScalePolicy", "Source",
+           "WriteOptions", "detect_layout", "get_layout", "layout_names", "load_adapter", "read_detected",
+           "save_adapter"]
 
 logger = logging.getLogger(__name__)
+
+#: finds a base model's ``config.json`` from its ``base_model_name_or_path`` (a Hub id): ``(path, note)``
+#: or ``(None, why not)``, never raising; :func:`lora_ckpt.hub.fetch_model_config` is the Hub's
+BaseConfigResolver = Callable[[str], tuple[Path | None, str | None]]
+
 
 def _model_config(base_config: PathLike | ModelConfig | None) -> ModelConfig | None:
     if base_config is None or isinstance(base_config, ModelConfig):
@@ -43,7 +50,7 @@ def _model_config(base_config: PathLike | ModelConfig | None) -> ModelConfig | N
 
 def load_adapter(source: PathLike, *, layout: str | None = None,
                  base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
-                 scan_values: bool = True) -> Adapter:
+                 scan_values: bool = True, resolve_base_config: BaseConfigResolver | None = None) -> Adapter:
     """Read an adapter in any supported layout into the canonical :class:`~lora_ckpt.adapter.Adapter`.
 
     Args:
@@ -52,20 +59,24 @@ def load_adapter(source: PathLike, *, layout: str | None = None,
         base_config: the base model's ``config.json`` / ``params.json`` (for head counts and family).
         alpha: the alpha for layouts that do not record it (loralib) or to override one.
         scan_values: note tensors holding NaN/Inf (one extra read of the data).
+        resolve_base_config: finds the base config from ``base_model_name_or_path`` when no
+            ``base_config`` is given and it is not a local folder (pass
+            :func:`lora_ckpt.hub.fetch_model_config` to ask the Hub); None: no lookup.
 
     Example:
         >>> adapter = load_adapter("epoch_0/", base_config="llama/config.json")
     """
     det = detect_layout(source, layout=layout)
     logger.debug("%s: %s layout (%s)", source, det.layout.name, det.reason)
-    return read_detected(det, base_config=base_config, alpha=alpha, scan_values=scan_values)
+    return read_detected(det, base_config=base_config, alpha=alpha, scan_values=scan_values,
+                         resolve_base_config=resolve_base_config)
 
 
 def read_detected(det: Detected, *, base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
-                  use_hub: bool = True, scan_values: bool = True) -> Adapter:
+                  resolve_base_config: BaseConfigResolver | None = None, scan_values: bool = True) -> Adapter:
     """Read a detected source (``det.source.shapes_only`` reads shapes only); find the base model's
-    config from ``base_model_name_or_path`` when none was given (a local folder, or with ``use_hub``
-    the Hub)."""
+    config from ``base_model_name_or_path`` when none was given (a local folder, else through
+    ``resolve_base_config``, e.g. the Hub's)."""
     adapter = det.layout.read(det.source, ReadOptions(base_config=_model_config(base_config), alpha=alpha,
                                                       scan_values=scan_values))
     base = adapter.meta.base_model
@@ -74,11 +85,8 @@ def read_detected(det: Detected, *, base_config: PathLike | ModelConfig | None =
         if (Path(base) / "config.json").is_file():
             cfg = load_model_config(Path(base) / "config.json")
             how = f"base model config read from base_model_name_or_path {base!r}"
-        elif use_hub:  # a Hub repo id: only its config.json, cache first; a failure is a note, never an error here
-            from ..errors import LoraCkptError
-            from ..hub import fetch_model_config
-
-            path, how = fetch_model_config(base)
+        elif resolve_base_config is not None:  # e.g. a Hub repo id; a failure is a note, never an error here
+            path, how = resolve_base_config(base)
             if path is not None:
                 try:
                     cfg = load_model_config(path)

@@ -21,12 +21,11 @@ from ..errors import (
     IncompleteAdapterError,
     LayoutError,
     MissingConfigError,
-    OutputPathError,
     UnsupportedAdapterError,
     quote_list,
 )
 from ..families import FAMILIES, Family, Fused, ModelConfig, NameMap, model_config_from_dict
-from ..files import read_json
+from ..io import nonfinite, read_json, save_tensors
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 from .lossy import drop_unsupported, lossy_parts
 from .placement import drop_zero_modules, fill_every_layer
@@ -36,7 +35,7 @@ from .spec import Detection, LayoutSpec, Role, ScalePolicy
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Layout", "ReadOptions", "Source", "WriteOptions", "nonfinite", "save_tensors"]
+__all__ = ["Layout", "ReadOptions", "Source", "WriteOptions"]
 
 logger = logging.getLogger(__name__)
 
@@ -336,35 +335,3 @@ class Layout(LayoutSpec):
         save_tensors(tensors, out / self.weight_files[0], pickle=self.pickle)
         self.write_config(adapter, out, replace(opts, base_config=model_cfg))
         return adapter
-
-
-def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors holding NaN or Inf (one read each: ``aminmax`` propagates
-    NaN and returns the infinities, so both are finite iff every value is)."""
-    import torch
-
-    bad = []
-    for k, t in tensors.items():
-        if t.is_floating_point() and t.numel():
-            lo, hi = torch.aminmax(t.reshape(-1))
-            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-                bad.append(k)
-    return bad
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, pickle: bool = False,
-                 metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (safetensors, or a torch pickle); a failed write is an :class:`OutputPathError`."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        if pickle:
-            torch.save(tensors, path)
-        else:
-            save_file(tensors, path, metadata=metadata if metadata is not None else {"format": "pt"})
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch reports a full disk as RuntimeError
-        reason = (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
-        raise OutputPathError(f"{path}: writing the output failed ({reason}); free space or choose another "
-                              "output; nothing was written", path=path) from e

@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 
 from ..adapter import Adapter
 from ..errors import ConfigError, MissingConfigError
-from ..files import read_safetensors_header
-from .base import Layout, save_tensors
+from ..io import read_safetensors_header, save_tensors
+from .base import Layout
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, Role
 

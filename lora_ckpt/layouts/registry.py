@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AmbiguousLayoutError, CheckpointNotFoundError, UnknownLayoutError, UsageError, quote_list
-from ..files import PathLike
+from ..io import PathLike
 from .base import Layout
 from .source import Source
 

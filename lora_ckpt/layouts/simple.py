@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from ..adapter import Adapter
 from ..errors import MissingConfigError
-from ..files import read_json
+from ..io import read_json
 from .base import Layout
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, Role, ScalePolicy

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..families import ModelConfig
-from ..files import load_tensors, read_json
-from ..index import TensorMeta, tensor_index
+from ..io import TensorMeta, load_tensors, read_json, tensor_index
 
 if TYPE_CHECKING:
     import torch

@@ -15,7 +15,8 @@ from typing import ClassVar
 
 from ..adapter import Adapter
 from ..errors import ConfigError, MissingConfigError
-from .base import Layout, save_tensors
+from ..io import save_tensors
+from .base import Layout
 from .peft import PeftLayout, new_config, write_peft_config
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, Role, ScalePolicy

@@ -7,18 +7,13 @@ import importlib.metadata
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .adapter import Adapter
+from .. import __version__
+from ..adapter import Adapter
+from .uri import is_hub_id
 
 __all__ = ["describe_source", "model_card"]
-
-
-def _is_hub_id(value: str | None) -> bool:
-    from .hub import _is_hub_id as is_hub_id
-
-    return is_hub_id(value)
 
 
 def describe_source(path: Path) -> str:
@@ -51,11 +46,10 @@ def model_card(adapter: Adapter, *, repo_id: str, layout: str, base_model: str |
         The card text: YAML front matter (``library_name``, ``base_model``, sorted ``tags``,
         ``pipeline_tag``) and a Markdown body ending in ``### Framework versions``.
     """
+    # huggingface_hub is imported here only: `import lora_ckpt`, --help and inspect do not pay for it
     from huggingface_hub import ModelCard, ModelCardData, constants
 
-    from . import __version__
-
-    base = base_model if _is_hub_id(base_model) else None
+    base = base_model if is_hub_id(base_model) else None
     tags = ["lora", "transformers"] + ([f"base_model:adapter:{base}"] if base else []) + \
         ([] if layout == "peft" else [layout])
     data = ModelCardData(base_model=base, library_name="peft" if layout == "peft" else None, tags=sorted(tags),
@@ -79,8 +73,8 @@ def model_card(adapter: Adapter, *, repo_id: str, layout: str, base_model: str |
                 f"```bash\nlora-ckpt convert hf://{repo_id} --to peft -o adapter/\n```")
     body = [
         f"# {repo_id.split('/')[-1]}", "",
-        f"A {'DoRA' if adapter.uses_dora else 'LoRA'} adapter for {base_txt}, in the {layout} layout, "
-        "converted and uploaded by lora-ckpt, which checked every module's update numerically.", "",
+        (f"A {'DoRA' if adapter.uses_dora else 'LoRA'} adapter for {base_txt}, in the {layout} layout, "
+         "converted and uploaded by lora-ckpt, which checked every module's update numerically."), "",
         "## Adapter", "",
         f"- modules: {len(adapter.modules)} (targets {', '.join(f'`{x}`' for x in leaves)})",
         f"- rank: {ranks}",

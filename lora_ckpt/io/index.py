@@ -4,14 +4,18 @@ a torch-free NaN/Inf scan. ``inspect`` and layout detection run on this."""
 
 from __future__ import annotations
 
+import collections
 import math
 import os
+import pickle
+import zipfile
 from typing import Any
 
-from .errors import CheckpointNotFoundError
-from .files import DTYPES, PathLike, SafetensorsHeader, load_pickle, read_safetensors_header
+from ..errors import CheckpointNotFoundError
+from .header import DTYPES, PathLike, SafetensorsHeader, read_safetensors_header
+from .tensors import load_pickle, unwrap_state_dict
 
-__all__ = ["TensorMeta", "nonfinite_tensors", "tensor_index"]
+__all__ = ["VALUE_SCAN_LIMIT", "TensorMeta", "nonfinite_tensors", "tensor_index"]
 
 
 class TensorMeta:
@@ -54,10 +58,6 @@ _STORAGE_DTYPES = {
 def _pickle_index(path: str) -> dict[str, TensorMeta]:
     """Shapes and dtypes of a torch zip pickle, read without torch and without running code:
     only containers, tensor rebuilds and storage types are accepted."""
-    import collections
-    import pickle
-    import zipfile
-
     def rebuild(storage: str, offset: int, size: tuple[int, ...], *_: Any) -> TensorMeta:
         return TensorMeta(tuple(size), storage)
 
@@ -91,15 +91,10 @@ def _pickle_index(path: str) -> dict[str, TensorMeta]:
         raise
     except Exception as e:  # anything odd in a hostile file: let torch's weights_only loader judge it
         raise _NeedTorch(str(e)) from e
-    for _ in range(2):
-        if isinstance(obj, dict) and not all(isinstance(v, TensorMeta) for v in obj.values()):
-            for key in ("model", "state_dict", "module"):
-                if isinstance(obj.get(key), dict):
-                    obj = obj[key]
-                    break
-    if not isinstance(obj, dict) or not all(isinstance(v, TensorMeta) for v in obj.values()):
+    tensors = unwrap_state_dict(obj, lambda v: isinstance(v, TensorMeta))
+    if tensors is None:
         raise _NeedTorch("not a flat dict of tensors")
-    return dict(obj)
+    return tensors
 
 
 def tensor_index(path: PathLike) -> dict[str, TensorMeta]:
@@ -113,7 +108,8 @@ def tensor_index(path: PathLike) -> dict[str, TensorMeta]:
     try:
         return _pickle_index(path)
     except _NeedTorch:
-        return {n: TensorMeta(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in load_pickle(path).items()}
+        return {n: TensorMeta(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                for n, t in load_pickle(path).items()}
 
 
 #: bit patterns (little-endian words) whose exponent is all ones: NaN or Inf

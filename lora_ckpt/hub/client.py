@@ -1,12 +1,9 @@
-"""The Hugging Face Hub: ``hf://`` sources, ``pull``, ``push`` with a correct PEFT model card.
+"""The Hugging Face Hub client: typed errors naming the repo, progress, choosing the files a layout
+reads (never the whole repo), downloads into the standard cache, ``pull``, and the base model's
+``config.json`` (the base-config resolver that readers are given).
 
-Everything goes through ``huggingface_hub`` (its cache, token, retries and progress bars). This
-module decides *which* files to fetch (only those a layout reads, never the whole repo), refuses
-repo listings with names that would escape the cache before anything is downloaded, writes the
-model card, and turns the client's exceptions into typed :mod:`lora_ckpt.errors` naming the repo.
-
-``hf://ORG/NAME[@REVISION][/SUBDIR]``: ``REVISION`` is a branch, tag or commit sha (``refs/pr/N``
-may be written as is or as ``refs%2Fpr%2FN``); ``SUBDIR`` a folder (or one file) in the repo.
+Everything goes through ``huggingface_hub`` (its cache, token, retries and progress bars); repo
+listings with names that would escape the cache are refused before anything is downloaded.
 """
 
 from __future__ import annotations
@@ -14,20 +11,14 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
-import re
 import shutil
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
-from .errors import (
+from ..errors import (
     EntryNotFoundError,
     HubError,
     HubPermissionError,
-    InvalidRepoIdError,
     NotCachedError,
     RepoNotFoundError,
     RevisionNotFoundError,
@@ -35,88 +26,15 @@ from .errors import (
     UsageError,
     quote_list,
 )
-from .card import describe_source, model_card
-from .files import PathLike, atomic_output, read_json
+from ..io import atomic_output
+from ..layouts import LAYOUTS, get_layout
+from .uri import HubSource, check_revision, is_hub_id, parse_hf_url, unsafe_name
 
-if TYPE_CHECKING:
-    from .families import ModelConfig
-
-__all__ = ["HubSource", "fetch_model_config", "parse_hf_url", "pull", "push", "resolve_source"]
+__all__ = ["MODEL", "MODEL_CONFIGS", "fetch_model_config", "hub_errors", "progress", "pull", "resolve_source"]
 
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIGS = ("config.json", "params.json")
-_PR_REF = re.compile(r"^refs/(pr|convert)/[^/]+")
-
-
-@dataclass(frozen=True)
-class HubSource:
-    """A parsed ``hf://ORG/NAME[@REVISION][/SUBDIR]``."""
-
-    repo_id: str
-    revision: str | None = None
-    subdir: str = ""
-
-    def __str__(self) -> str:
-        return f"hf://{self.repo_id}" + (f"@{self.revision}" if self.revision else "") + \
-            (f"/{self.subdir}" if self.subdir else "")
-
-
-# ------------------------------------------------------------------------------ names
-def _unsafe_name(path: str) -> bool:
-    """A repo path that could land outside the directory it is downloaded into."""
-    return (not path or path.startswith("/") or "\\" in path or re.match(r"^[A-Za-z]:", path) is not None
-            or any(part in ("", ".", "..") for part in path.split("/")) or any(ord(c) < 32 for c in path))
-
-
-def _check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        reason = str(e).splitlines()[0].rstrip(".")
-        raise InvalidRepoIdError(f"{repo_id!r} is not a valid Hub repo id ({reason}); expected ORG/NAME of "
-                                 "letters, digits, '-', '_', '.'", repo_id=repo_id) from e
-
-
-def _check_revision(repo_id: str, revision: str | None, what: str = "revision") -> None:
-    if revision is not None and (_unsafe_name(revision) or revision.endswith(".lock")):
-        raise InvalidRepoIdError(f"{repo_id}: {what} {revision!r} is not a valid git reference; expected a "
-                                 "branch, tag or commit sha", repo_id=repo_id)
-
-
-def parse_hf_url(src: str) -> HubSource:
-    """Parse and validate ``hf://ORG/NAME[@REVISION][/SUBDIR]`` (``ORG/NAME`` alone is accepted too).
-
-    Raises:
-        InvalidRepoIdError: malformed id, revision or subdir (checked before any request).
-
-    Example:
-        >>> parse_hf_url("hf://my-org/adapter@v1/epoch_0")
-        HubSource(repo_id='my-org/adapter', revision='v1', subdir='epoch_0')
-    """
-    rest = src.removeprefix("hf://").strip("/")
-    if rest.split("/", 1)[0] in ("datasets", "spaces"):
-        raise InvalidRepoIdError(f"{src}: only model repos hold adapters; expected hf://ORG/NAME", repo_id=rest)
-    m = re.match(r"^(?P<repo>[^/@]+(?:/[^/@]+)?)(?:@(?P<rev>.*?))?(?:/(?P<sub>.*))?$", rest)
-    if not m:
-        raise InvalidRepoIdError(f"{src}: expected hf://ORG/NAME[@REVISION][/SUBDIR]", repo_id=rest)
-    repo_id, rev, sub = m["repo"], m["rev"], m["sub"] or ""
-    if rev is not None:  # "refs/pr/1/sub": the ref takes three segments
-        full = rest[len(repo_id) + 1:]
-        pr = _PR_REF.match(full)
-        rev, sub = (pr.group(0), full[pr.end():].lstrip("/")) if pr else (rev, sub)
-        rev = unquote(rev)
-        if not rev:
-            raise InvalidRepoIdError(f"{src}: empty revision after '@'", repo_id=repo_id)
-    _check_repo_id(repo_id)
-    _check_revision(repo_id, rev)
-    sub = sub.strip("/")
-    if sub and _unsafe_name(sub):
-        raise InvalidRepoIdError(f"{src}: subfolder {sub!r} is not a plain relative path", repo_id=repo_id)
-    return HubSource(repo_id, rev, sub)
 
 
 # ------------------------------------------------------------------------------ errors
@@ -126,8 +44,9 @@ def _status(e: Exception) -> int | None:
 
 
 @contextlib.contextmanager
-def _hub_errors(repo_id: str, revision: str | None = None, *, writing: bool = False) -> Iterator[None]:
+def hub_errors(repo_id: str, revision: str | None = None, *, writing: bool = False) -> Iterator[None]:
     """Turn ``huggingface_hub`` / transport exceptions into typed lora-ckpt errors naming the repo."""
+    # huggingface_hub is imported here only: `import lora_ckpt`, --help and inspect do not pay for it
     import httpx2
     from huggingface_hub import constants
     from huggingface_hub import errors as hf
@@ -178,8 +97,9 @@ def _hub_errors(repo_id: str, revision: str | None = None, *, writing: bool = Fa
 
 
 @contextlib.contextmanager
-def _progress(quiet: bool) -> Iterator[None]:
+def progress(quiet: bool) -> Iterator[None]:
     """huggingface_hub's own progress bars, silenced for the block when ``quiet``."""
+    # huggingface_hub is imported here only: `import lora_ckpt`, --help and inspect do not pay for it
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     if not quiet or are_progress_bars_disabled():
@@ -214,8 +134,6 @@ MODEL = "model"  # resolve_source(layout=MODEL): a whole base model folder
 
 def _needed_files(src: HubSource, tree: set[str], layout: str | None) -> tuple[list[str], str]:
     """The repo files to download for ``src`` (and the path to return, relative to the snapshot)."""
-    from .layouts import LAYOUTS, get_layout
-
     if layout == MODEL:
         return _model_files(src, tree)
 
@@ -245,13 +163,15 @@ def _needed_files(src: HubSource, tree: set[str], layout: str | None) -> tuple[l
 
 def _download(src: HubSource, *, layout: str | None, quiet: bool) -> tuple[Path, Path, list[str]]:
     """(snapshot folder, target path in it, downloaded repo paths) for ``src``."""
-    from huggingface_hub import HfApi, RepoFile, constants, get_cached_repo_tree, snapshot_download
+    # huggingface_hub is imported here only: `import lora_ckpt`, --help and inspect do not pay for it
+    from huggingface_hub import HfApi, RepoFile, RepoFolder, constants, get_cached_repo_tree, snapshot_download
     from huggingface_hub import errors as hf
 
     offline = constants.is_offline_mode()
-    with _hub_errors(src.repo_id, src.revision), _progress(quiet):
+    with hub_errors(src.repo_id, src.revision), progress(quiet):
         api = HfApi()
         rev = api.resolve_revision(src.repo_id, revision=src.revision, local_files_only=offline)
+        entries: Iterable[RepoFile | RepoFolder]
         try:  # the listing of a commit never changes: the cached one costs no request
             entries = get_cached_repo_tree(src.repo_id, revision=rev.resolved)
         except hf.CachedRepoTreeNotFoundError:
@@ -259,7 +179,7 @@ def _download(src: HubSource, *, layout: str | None, quiet: bool) -> tuple[Path,
                 raise
             entries = api.list_repo_tree(src.repo_id, revision=rev.resolved, recursive=True)
         tree = {e.path for e in entries if isinstance(e, RepoFile)}
-        unsafe = sorted(p for p in tree if _unsafe_name(p))
+        unsafe = sorted(p for p in tree if unsafe_name(p))
         if unsafe:
             raise UnsafeRepoError(
                 f"{src.repo_id}@{rev.resolved[:12]}: the repo lists {len(unsafe)} file name(s) that would escape the "
@@ -279,7 +199,7 @@ def resolve_source(src: str, *, layout: str | None = None, quiet: bool = False) 
     """A local path for ``hf://ORG/NAME[@REVISION][/SUBDIR]``, downloading only the files needed.
 
     With ``layout``, that layout's weight file and config plus ``config.json``/``params.json``
-    under ``SUBDIR``; without, the same for every known layout; with ``layout=hub.MODEL``, a base
+    under ``SUBDIR``; without, the same for every known layout; with ``layout=MODEL``, a base
     model's safetensors shards, index, config and tokenizer files (for ``merge``). Files come from (and go to) the
     standard Hugging Face cache; with ``HF_HUB_OFFLINE=1`` they are read from it, with no request.
 
@@ -329,7 +249,7 @@ def pull(repo: str, out: str | None = None, *, revision: str | None = None, layo
     """
     src = parse_hf_url(repo)
     if revision is not None:
-        _check_revision(src.repo_id, revision)
+        check_revision(src.repo_id, revision)
         if src.revision not in (None, revision):
             raise UsageError(f"{repo}: revision {src.revision!r} in the path and --revision {revision!r} differ; "
                              "give one")
@@ -355,6 +275,7 @@ _UNREACHABLE: set[str] = set()  # endpoints that failed a probe in this process
 
 def _reachable(url: str) -> bool:
     """One quick request, no retries: huggingface_hub would retry an unreachable Hub for ~20 s."""
+    # huggingface_hub is imported here only: `import lora_ckpt`, --help and inspect do not pay for it
     import httpx2
     from huggingface_hub import constants
     from huggingface_hub.utils import build_hf_headers, get_session
@@ -369,29 +290,19 @@ def _reachable(url: str) -> bool:
     return True
 
 
-def _is_hub_id(value: str | None) -> bool:
-    """Whether ``value`` names a Hub repo (not a local path)."""
-    if not value or value.startswith(("/", ".", "~")) or Path(value).exists():
-        return False
-    try:
-        _check_repo_id(value)
-    except InvalidRepoIdError:
-        return False
-    return True
-
-
 def fetch_model_config(repo_id: str) -> tuple[Path | None, str | None]:
     """The base model's ``config.json`` from the Hub (or the cache), never raising.
 
     Returns ``(path, note)``: the cached file and how it was found, or ``(None, why not)``;
     ``(None, None)`` when ``repo_id`` is not a Hub repo id (a local path, ...).
     """
+    # huggingface_hub is imported here only: `import lora_ckpt`, --help and inspect do not pay for it
     from huggingface_hub import constants, hf_hub_download, hf_hub_url
 
-    if not _is_hub_id(repo_id):
+    if not is_hub_id(repo_id):
         return None, None
     try:
-        with _hub_errors(repo_id), _progress(True):
+        with hub_errors(repo_id), progress(True):
             try:
                 path = hf_hub_download(repo_id, "config.json", local_files_only=True)
                 return Path(path), f"base model config.json of {repo_id!r} read from the Hugging Face cache"
@@ -405,102 +316,3 @@ def fetch_model_config(repo_id: str) -> tuple[Path | None, str | None]:
             return Path(path), f"base model config.json fetched from the Hub ({repo_id!r})"
     except HubError as e:
         return None, f"base model config.json of {repo_id!r} not fetched: {e}"
-
-
-# ------------------------------------------------------------------------------ push
-def push(src: PathLike, repo: str, *, to: str = "peft", private: bool = False, branch: str | None = None,
-         commit_message: str | None = None, base_config: PathLike | ModelConfig | None = None,
-         base_model: str | None = None, alpha: float | None = None, from_: str | None = None,
-         quiet: bool = False) -> str:
-    """Convert an adapter (any layout) to ``to``, verify it, and upload it with a model card in one commit.
-
-    ``adapter_config.json`` gets ``base_model_name_or_path`` (``base_model`` or the adapter's own)
-    and ``task_type`` (default ``CAUSAL_LM``); ``README.md`` is a PEFT model card.
-
-    Args:
-        src: the adapter (directory, file, or ``hf://``).
-        repo: ``ORG/NAME`` (created if missing; ``private`` applies only then).
-        to: the layout to upload.
-        private: create the repo private.
-        branch: commit to this branch (created from main if missing).
-        commit_message: default ``"Upload <layout> LoRA adapter with lora-ckpt"``.
-        base_config: base model ``config.json`` / ``params.json`` (default: fetched for ``base_model``).
-        base_model: the base model's Hub id (default: the adapter's ``base_model_name_or_path``).
-        alpha: alpha for layouts that do not record it.
-        from_: the source layout (default: detected).
-        quiet: no progress bars.
-
-    Returns:
-        A one-line summary with the commit URL.
-
-    Raises:
-        InvalidRepoIdError: malformed ``repo`` or ``branch`` (before anything is read or sent).
-        VerificationError: the converted adapter does not reproduce the source.
-        HubPermissionError, HubError: the Hub refused the upload.
-
-    Example:
-        >>> push("epoch_0/", "my-org/llama-lora", base_model="meta-llama/Llama-3.1-8B")
-    """
-    from huggingface_hub import HfApi
-
-    from .conversion import convert
-    from .layouts import detect_layout, get_layout, load_adapter
-    from .layouts.peft import write_peft_config
-
-    src_h = parse_hf_url(repo) if repo.startswith("hf://") else HubSource(repo)
-    if src_h.revision or src_h.subdir:
-        raise UsageError(f"{repo}: push takes ORG/NAME; use --branch for a branch")
-    repo_id = src_h.repo_id
-    _check_repo_id(repo_id)
-    _check_revision(repo_id, branch, "branch")
-    lay = get_layout(to)
-    if str(src).startswith("hf://"):
-        src = resolve_source(str(src), layout=from_, quiet=quiet)
-    source = describe_source(Path(src))  # hf://ORG/NAME@SHA/SUBDIR for a cached download
-    if isinstance(base_config, str) and base_config.startswith("hf://"):
-        base_config = resolve_source(base_config, quiet=quiet)
-    if base_config is None and base_model:
-        base_config, note = fetch_model_config(base_model)
-        if note:
-            logger.info("%s", note)
-    det = detect_layout(src, layout=from_)
-    adapter = load_adapter(src, layout=det.layout.name, base_config=base_config, alpha=alpha)
-    base = base_model or adapter.meta.base_model
-    if not base:
-        logger.warning("%s: no base model recorded; the card and config will not name one (pass --base-model)", src)
-    elif not _is_hub_id(base):
-        logger.warning("%s: base model %r is not a Hub repo id; the card will not link it (pass --base-model)",
-                       src, base)
-    if "/" not in repo_id:  # the card names the full id
-        with _hub_errors(repo_id, writing=True):
-            repo_id = f"{HfApi().whoami()['name']}/{repo_id}"
-    with tempfile.TemporaryDirectory(prefix="lora-ckpt-push-") as tmp:
-        out = Path(tmp) / "upload"
-        model_cfg = base_config if base_config is not None else adapter.meta.model_config
-        res = convert(src, out, to=to, from_=det.layout.name, alpha=alpha, base_config=model_cfg)
-        cfg_path = out / lay.config_file if lay.config_file else None
-        config: dict[str, Any] = {}
-        if cfg_path is not None and cfg_path.name == "adapter_config.json" and cfg_path.is_file():
-            config = read_json(cfg_path, what="adapter_config.json")
-            if base:
-                config["base_model_name_or_path"] = base
-            if not config.get("task_type"):
-                config["task_type"] = adapter.meta.task_type or "CAUSAL_LM"
-            write_peft_config(config, cfg_path)  # PEFT's formatting: indent 2, sorted keys, no newline
-        verified = res.verification.summary() if res.verification else None
-        uploaded = load_adapter(out, layout=to, base_config=model_cfg)  # the card describes what is uploaded
-        (out / "README.md").write_text(model_card(
-            uploaded, repo_id=repo_id, layout=to, base_model=base, config=config, source=source,
-            source_layout=res.source_layout, verified=verified, notes=res.notes), encoding="utf-8")
-        message = commit_message or f"Upload {to} LoRA adapter with lora-ckpt"
-        with _hub_errors(repo_id, branch, writing=True), _progress(quiet):
-            api = HfApi()
-            repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
-            if branch:
-                api.create_branch(repo_id, branch=branch, exist_ok=True)
-            info = api.upload_folder(repo_id=repo_id, folder_path=out, commit_message=message, revision=branch)
-    summary = (f"pushed {res.modules} module(s) ({res.source_layout} -> {to}) to {repo_id}"
-               f"{'@' + branch if branch else ''}: {info.commit_url}")
-    logger.info("%s", summary)
-    return summary
-

@@ -1,0 +1,95 @@
+"""Output: a file or directory appears complete or not at all (temp sibling, then rename); JSON in."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointNotFoundError, ConfigError, OutputExistsError, OutputPathError
+from .header import PathLike
+
+__all__ = ["atomic_output", "read_json"]
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike, *, force: bool = False, is_dir: bool = True,
+                  inputs: tuple[PathLike, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    Nothing that looks like a finished output ever exists before the rename; an exception
+    (or a kill) leaves at most a hidden ``.<name>.tmp-*`` sibling.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is false.
+        OutputPathError: ``path`` lies inside one of ``inputs`` (or the reverse), or its
+            directory is not writable.
+    """
+    final = Path(path).absolute()
+    for src in inputs:
+        s = Path(src).absolute()
+        if final == s or s in final.parents or final in s.parents:
+            raise OutputPathError(
+                f"{final}: output overlaps the input {s}; choose an output outside it", path=final)
+    if final.exists() and not force:
+        raise OutputExistsError(f"{final}: exists; pass --force (force=True) to replace it", path=final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)) if is_dir else \
+            Path(tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)[1])
+    except OSError as e:
+        raise OutputPathError(f"{final.parent}: cannot write here ({e.strerror}); choose another output",
+                              path=final) from e
+    try:
+        target = tmp / "out" if is_dir else tmp
+        try:
+            yield target
+        except OSError as e:
+            if e.errno in _OUTPUT_ERRNOS and not isinstance(e, (FileNotFoundError,)):
+                raise OutputPathError(f"{final}: writing the output failed ({e.strerror or e}); free space or "
+                                      "choose another output; nothing was written", path=final) from e
+            raise
+        if is_dir and not target.exists():
+            target.mkdir()
+        if final.exists():  # force: replace
+            if final.is_dir() and not final.is_symlink():
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+                os.replace(final, old / "x")
+                os.replace(target, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                final.unlink()
+                os.replace(target, final)
+        else:
+            os.replace(target, final)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def read_json(path: PathLike, *, what: str = "JSON file") -> dict[str, Any]:
+    """Read a JSON object, with a clear error for anything else."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{path}: no such {what}", path=path) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text", path=path) from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg})", path=path) from e
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: {what} holds a JSON {type(obj).__name__}, expected an object", path=path)
+    return obj
