@@ -103,10 +103,12 @@ HOLDS = {
 #: llmbook's fixed scale 1 (alpha/r = 2 folded into B)
 FUNCTION_ONLY = {("llama-rslora-patterns", v) for v in ("torchtune", "mistral", "loralib", "llmbook")} | {
     (f, "llmbook") for f in HOLDS}
-#: layouts that keep PEFT's whole adapter_config.json (so its bytes can come back)
-KEEPS_PEFT_CONFIG = {"peft", "native"}
+#: layouts that keep PEFT's whole adapter_config.json (so its bytes can come back; loralib and llmbook in lora_config.json)
+KEEPS_PEFT_CONFIG = {"peft", "native", "torchtune", "loralib", "llmbook"}
 #: layouts with nowhere to keep the base model id (base_model_name_or_path)
-NO_BASE_ID = {"mistral", "loralib", "llmbook"}
+NO_BASE_ID = {"mistral"}
+#: layouts with nowhere to keep a PEFT config (loralib and llmbook keep it in lora_config.json)
+NO_PEFT_CONFIG = {"mistral"}
 
 
 def test_holds_table_covers_every_peft_fixture():
@@ -241,17 +243,22 @@ def test_round_trip_a_b_a(tmp_path, sources, content, dtype, a, b):
     assert rep.ok and rep.worst == 0.0 and rep.modules
     if a in ("peft", "mistral"):  # safetensors: the whole file, header included
         assert weight_file(back, a).read_bytes() == weight_file(src, a).read_bytes()
-    # configs keep their meaning: PEFT's own reading of a PEFT config (B may not keep PEFT's 41 keys),
-    # every other JSON file (torchtune's config, params.json, lora_config.json, config.json) as is
+    # configs keep their meaning: a PEFT adapter_config.json (peft's, torchtune's) as PEFT reads it, and
+    # byte for byte where B carries the PEFT config; every other JSON file (params.json, lora_config.json,
+    # config.json) as is, less the PEFT config copy that B cannot carry
     for f in sorted(src.iterdir()):
         if f.suffix != ".json":
             continue
-        if a == "peft" and f.name == "adapter_config.json":
+        if f.name == "adapter_config.json":
             x, y = semantic_peft_config(src), semantic_peft_config(back)
+            if b not in NO_PEFT_CONFIG:
+                assert (back / f.name).read_bytes() == f.read_bytes()
         else:
-            x, y = json.loads(f.read_text()), json.loads((back / f.name).read_text())
-        if b in NO_BASE_ID:
-            x.pop("base_model_name_or_path", None), y.pop("base_model_name_or_path", None)
+            x = json.loads(f.read_text())
+            y = json.loads((back / f.name).read_text()) if (back / f.name).exists() or b not in NO_PEFT_CONFIG else {}
+        if b in NO_PEFT_CONFIG:
+            for d in (x, y):
+                d.pop("base_model_name_or_path", None), d.pop("peft_config", None)
         assert y == x, f.name
     if a == "native":
         assert {n: m.scale for n, m in second.modules.items()} == {n: m.scale for n, m in first.modules.items()}

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from ..adapter import Adapter, alpha_for
 from ..errors import ConfigError, MissingConfigError, quote_list
-from ..families import parse_layer
+from ..families import is_embedding, parse_layer
 from ..keys import matches_target
 from .base import Layout
 from .source import ReadOptions, Source, WriteOptions
@@ -125,10 +125,7 @@ class PeftLayout(Layout):
 
     # ------------------------------------------------------------------ writing
     def write_config(self, adapter: Adapter, out: Path, opts: WriteOptions) -> None:
-        cfg = adapter.meta.config if adapter.meta.source_layout == "peft" else {}
-        if not (cfg and config_fits(cfg, adapter)):
-            cfg = new_config(adapter, opts)
-        write_peft_config(cfg, out / self.config_file)
+        write_peft_config(peft_config_for(adapter, opts, layout=self.name), out / self.config_file)
 
 
 def write_peft_config(cfg: dict[str, Any], path: Path) -> None:
@@ -136,21 +133,143 @@ def write_peft_config(cfg: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
+# ------------------------------------------------------------- config fidelity
+#: fields that follow from the tensors: re-derived when the written tensors need it (ranks padded, scales folded)
+TENSOR_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias",
+                 "fan_in_fan_out")
+#: fields that say where LoRA sits: re-derived only when the written modules no longer fit them
+TARGET_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+#: filled in when the source config lacks the key (torchtune writes r, lora_alpha, target_modules, peft_type)
+REQUIRED_FIELDS = ("peft_type", "task_type", "base_model_name_or_path")
+
+
+def source_peft_config(adapter: Adapter) -> dict[str, Any] | None:
+    """The PEFT config the adapter came with (PEFT's, torchtune's, or one native, loralib or LLMBook
+    kept), or None."""
+    cfg = adapter.meta.config
+    return cfg if isinstance(cfg, dict) and cfg.get("peft_type") else None
+
+
+def peft_config_for(adapter: Adapter, opts: WriteOptions, *, layout: str) -> dict[str, Any]:
+    """The adapter_config.json to write: the source's own config, as written, where it still
+    describes ``adapter``; only the fields that no longer fit are re-derived (:func:`new_config`),
+    each group with a note in ``adapter.meta.notes``; fields the source lacks are filled in."""
+    fresh = new_config(adapter, opts)
+    orig = source_peft_config(adapter)
+    if orig is None:
+        return fresh
+    cfg, redone = dict(orig), []
+    if not scales_fit(orig, adapter):
+        for k in TENSOR_FIELDS:
+            if k in fresh or k in cfg:
+                cfg[k] = fresh.get(k, False)
+        redone.append("r/lora_alpha/rank_pattern/alpha_pattern (ranks were padded or scales folded on the way)")
+    if not targets_fit(cfg, adapter):
+        for k in TARGET_FIELDS:
+            if k in fresh or k in cfg:
+                cfg[k] = fresh.get(k)
+        redone.append("target_modules/layers_to_transform (they no longer select exactly the adapted modules)")
+    if not saves_fit(cfg, adapter):
+        cfg["modules_to_save"] = fresh["modules_to_save"]
+        redone.append("modules_to_save (the full tensors kept are not the ones it names)")
+    if cfg.get("bias", "none") != "none" and not adapter.extra:
+        cfg["bias"] = "none"
+        redone.append("bias (no base biases were kept)")
+    for k in REQUIRED_FIELDS:
+        if cfg.get(k) is None and fresh.get(k) is not None and k not in orig:
+            cfg[k] = fresh[k]
+    if redone:
+        adapter.meta.notes.append(f"{layout} adapter_config.json: the source's config, but re-derived: "
+                                  + "; ".join(redone))
+    return cfg
+
+
 def config_fits(cfg: dict[str, Any], adapter: Adapter) -> bool:
     """Whether ``cfg`` (an original PEFT config) still describes ``adapter`` exactly."""
+    return scales_fit(cfg, adapter) and targets_fit(cfg, adapter) and saves_fit(cfg, adapter)
+
+
+def scales_fit(cfg: dict[str, Any], adapter: Adapter) -> bool:
+    """Ranks, scales, DoRA, LoRA bias and fan_in_fan_out of every module are what ``cfg`` gives."""
     if bool(cfg.get("use_dora")) != adapter.uses_dora or bool(cfg.get("lora_bias")) != adapter.uses_bias:
         return False
+    try:
+        return all(module_scale(cfg, n) == (m.rank, m.scale) and m.fan_in_fan_out == bool(cfg.get("fan_in_fan_out"))
+                   for n, m in adapter.modules.items())
+    except ConfigError:
+        return False
+
+
+def peft_targets(cfg: dict[str, Any], name: str) -> bool:
+    """Whether PEFT puts LoRA on module ``name`` under ``cfg`` (its ``check_target_module_exists``:
+    exclude_modules, modules_to_save, target_modules as a list or a full-match regex, and for a
+    list layers_to_transform / layers_pattern)."""
+    excl = cfg.get("exclude_modules")
+    if excl and (re.fullmatch(excl, name) if isinstance(excl, str) else matches_target(name, excl)):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in cfg.get("modules_to_save") or []):
+        return False
     targets = cfg.get("target_modules")
-    for name, m in adapter.modules.items():
-        if module_scale(cfg, name) != (m.rank, m.scale) or m.fan_in_fan_out != bool(cfg.get("fan_in_fan_out")):
-            return False
-        if targets is not None and targets != "all-linear" and not matches_target(name, targets):
-            return False
-    return set(cfg.get("modules_to_save") or []) == set(_modules_to_save(adapter))
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return (targets.lower() == "all-linear" and not name.endswith("lm_head")) or matches_target(name, targets)
+    if not matches_target(name, targets):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = cfg.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    hit = (re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name) if not patterns
+           else next((h for p in patterns if (h := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None))
+    if hit is None:
+        return False
+    return int(hit["idx"]) == layers if isinstance(layers, int) else int(hit["idx"]) in layers
+
+
+def targets_fit(cfg: dict[str, Any], adapter: Adapter) -> bool:
+    """PEFT targets every module of ``adapter`` under ``cfg``, and no embedding a list names is gone
+    (a layout that cannot hold embedding LoRA dropped it)."""
+    if not all(peft_targets(cfg, n) for n in adapter.modules):
+        return False
+    targets = cfg.get("target_modules")
+    return isinstance(targets, str) or not any(
+        is_embedding(t) and not any(matches_target(n, [t]) for n in adapter.modules) for t in targets or [])
+
+
+def saved_tensors(adapter: Adapter) -> list[str]:
+    """The full tensors that modules_to_save accounts for (PEFT saves embedding bases on its own)."""
+    return [k for k in adapter.extra if ".base_layer." not in k]
+
+
+def saves_fit(cfg: dict[str, Any], adapter: Adapter) -> bool:
+    """Every full tensor lies under a module ``modules_to_save`` names (PEFT: the module name ends
+    with the entry), and the config names none when there are none."""
+    entries, saved = cfg.get("modules_to_save") or [], saved_tensors(adapter)
+    if not saved:
+        return not entries
+    return all(any(".".join(k.split(".")[:i]).endswith(e) for i in range(1, k.count(".") + 1) for e in entries)
+               for k in saved)
 
 
 def _modules_to_save(adapter: Adapter) -> list[str]:
-    return sorted({k.rsplit(".", 1)[0] for k in adapter.extra if ".base_layer." not in k})
+    return sorted({k.rsplit(".", 1)[0] for k in saved_tensors(adapter)})
+
+
+#: the head class of a transformers architecture -> PEFT's task_type
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def task_type_for(adapter: Adapter, opts: WriteOptions) -> str:
+    """The adapter's task_type, else the base config's architecture's, else CAUSAL_LM."""
+    if adapter.meta.task_type:
+        return adapter.meta.task_type
+    cfg = opts.base_config or adapter.meta.model_config
+    archs = (cfg.raw.get("architectures") or []) if cfg is not None else []
+    arch = archs[0] if archs and isinstance(archs[0], str) else ""
+    return next((t for suffix, t in TASK_TYPES.items() if arch.endswith(suffix)), "CAUSAL_LM")
 
 
 def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
@@ -183,7 +302,7 @@ def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
         "revision": None,
         "target_modules": (target_modules(list(mods), opts) if layers is None
                            else sorted({n.rsplit(".", 1)[-1] for n in mods})),
-        "task_type": adapter.meta.task_type or "CAUSAL_LM",
+        "task_type": task_type_for(adapter, opts),
         "use_rslora": False,
     }
     if adapter.uses_dora:

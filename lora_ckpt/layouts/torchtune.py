@@ -17,7 +17,7 @@ from ..adapter import Adapter
 from ..errors import ConfigError, MissingConfigError
 from ..io import save_tensors
 from .base import Layout
-from .peft import PeftLayout, new_config, write_peft_config
+from .peft import PeftLayout, peft_config_for, write_peft_config
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, Role, ScalePolicy
 
@@ -67,7 +67,7 @@ class TorchtuneLayout(Layout):
     def write_config(self, adapter: Adapter, out: Path, opts: WriteOptions) -> None:
         peft = PeftLayout()
         save_tensors(peft.tensors_for(adapter, opts.base_config), out / peft.weight_files[0])
-        write_peft_config(new_config(adapter, opts), out / self.config_file)
+        write_peft_config(peft_config_for(adapter, opts, layout=self.name), out / self.config_file)
         cfg = opts.base_config
         if cfg is not None and "model_type" in cfg.raw:  # as torchtune's checkpointer copies it
             (out / "config.json").write_text(json.dumps(cfg.raw, indent=2, sort_keys=True) + "\n")
