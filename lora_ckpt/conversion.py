@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .adapter import Adapter, ModuleLoRA
+from .dtypes import DtypeLike, parse_dtype
 from .errors import VerificationError, quote_list
 from .families import ModelConfig
 from .hub.client import fetch_model_config
@@ -192,7 +193,7 @@ class ConvertResult:
 
 def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = None,
             base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
-            dtype: torch.dtype | None = None, force: bool = False, allow_lossy: bool = False,
+            dtype: DtypeLike | None = None, force: bool = False, allow_lossy: bool = False,
             verify_output: bool = True) -> ConvertResult:
     """Convert an adapter between layouts, exactly, and verify the output by reading it back.
 
@@ -203,7 +204,7 @@ def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = Non
         from_: source layout name (detected when None).
         base_config: base model ``config.json`` / ``params.json`` (head counts, family).
         alpha: alpha for sources that do not record it (loralib).
-        dtype: cast tensors (default: keep the source dtype).
+        dtype: cast tensors: a torch dtype or a name (``"bf16"``, ``"float16"``; default: keep the source dtype).
         force: replace an existing ``out``.
         allow_lossy: drop what the target cannot hold instead of failing.
         verify_output: re-read ``out`` and compare it with the source.
@@ -215,7 +216,7 @@ def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = Non
         >>> convert("peft_dir", "tt_dir", to="torchtune", base_config="llama/config.json")
     """
     with one_thread():
-        return _convert(source, out, to=to, from_=from_, base_config=base_config, alpha=alpha, dtype=dtype,
+        return _convert(source, out, to=to, from_=from_, base_config=base_config, alpha=alpha, dtype=parse_dtype(dtype),
                         force=force, allow_lossy=allow_lossy, verify_output=verify_output)
 
 

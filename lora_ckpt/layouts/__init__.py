@@ -17,9 +17,9 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..adapter import Adapter
+from ..dtypes import DtypeLike, parse_dtype
 from ..errors import LoraCkptError
 from ..families import ModelConfig, load_model_config
 from ..io import PathLike, atomic_output
@@ -27,9 +27,6 @@ from .base import Layout
 from .registry import LAYOUTS, Detected, detect_layout, get_layout, layout_names
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, ScalePolicy
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["LAYOUTS", "BaseConfigResolver", "Detected", "Detection", "Layout", "ReadOptions", "ScalePolicy", "Source",
            "WriteOptions", "detect_layout", "get_layout", "layout_names", "load_adapter", "read_detected",
@@ -101,7 +98,7 @@ def read_detected(det: Detected, *, base_config: PathLike | ModelConfig | None =
 
 
 def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: PathLike | ModelConfig | None = None,
-                 force: bool = False, allow_lossy: bool = False, dtype: torch.dtype | None = None,
+                 force: bool = False, allow_lossy: bool = False, dtype: DtypeLike | None = None,
                  inputs: tuple[PathLike, ...] = (),
                  check: Callable[[Path, Adapter], None] | None = None) -> Adapter:
     """Write ``adapter`` as directory ``out`` in ``layout``, atomically (temp dir, then rename).
@@ -117,7 +114,7 @@ def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: P
     lay = get_layout(layout)
     cfg = _model_config(base_config)
     with atomic_output(out, force=force, inputs=inputs) as tmp:
-        written = lay.write(adapter, tmp, WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=dtype))
+        written = lay.write(adapter, tmp, WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=parse_dtype(dtype)))
         if check is not None:  # before the rename: a failed check leaves nothing behind
             check(tmp, written)
     logger.debug("wrote %s layout to %s", lay.name, os.fspath(out))
