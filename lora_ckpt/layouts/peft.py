@@ -243,18 +243,31 @@ def saved_tensors(adapter: Adapter) -> list[str]:
     return [k for k in adapter.extra if ".base_layer." not in k]
 
 
+#: the heads PEFT adds to modules_to_save itself for a task type (PeftModelForSequenceClassification, ...)
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _covered(key: str, entries: list[str] | tuple[str, ...]) -> bool:
+    """A tensor key lies under a module whose name ends with an entry (PEFT's modules_to_save rule)."""
+    return any(".".join(key.split(".")[:i]).endswith(e) for i in range(1, key.count(".") + 1) for e in entries)
+
+
 def saves_fit(cfg: dict[str, Any], adapter: Adapter) -> bool:
-    """Every full tensor lies under a module ``modules_to_save`` names (PEFT: the module name ends
-    with the entry), and the config names none when there are none."""
+    """Every full tensor lies under a module ``modules_to_save`` names, and the config names none
+    (beyond the heads PEFT adds for the task) when there are none."""
     entries, saved = cfg.get("modules_to_save") or [], saved_tensors(adapter)
     if not saved:
-        return not entries
-    return all(any(".".join(k.split(".")[:i]).endswith(e) for i in range(1, k.count(".") + 1) for e in entries)
-               for k in saved)
+        return set(entries) <= set(TASK_HEADS.get(cfg.get("task_type") or "", ()))
+    return all(_covered(k, entries) for k in saved)
 
 
-def _modules_to_save(adapter: Adapter) -> list[str]:
-    return sorted({k.rsplit(".", 1)[0] for k in saved_tensors(adapter)})
+def _modules_to_save(adapter: Adapter, task_type: str) -> list[str]:
+    """The modules holding the full tensors; a task's heads named as PEFT names them ("classifier"
+    for ``classifier.dense.weight``: PEFT adds it for SEQ_CLS anyway, and one wrapper is what it saved)."""
+    heads = TASK_HEADS.get(task_type, ())
+    saved = saved_tensors(adapter)
+    rest = {k.rsplit(".", 1)[0] for k in saved if not _covered(k, heads)}
+    return [*heads, *sorted(rest)] if any(_covered(k, heads) for k in saved) else sorted(rest)
 
 
 #: the head class of a transformers architecture -> PEFT's task_type
@@ -284,6 +297,7 @@ def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
     alpha_pattern = {n: a for n, a in alphas.items() if a != alpha}
     src_cfg = adapter.meta.config or {}
     layers = layer_subset(list(mods), opts)
+    task_type = task_type_for(adapter, opts)
     cfg: dict[str, Any] = {
         "alpha_pattern": alpha_pattern,
         "base_model_name_or_path": adapter.meta.base_model or src_cfg.get("base_model_name_or_path"),
@@ -295,14 +309,14 @@ def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
         "layers_to_transform": layers,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
-        "modules_to_save": _modules_to_save(adapter) or None,
+        "modules_to_save": _modules_to_save(adapter, task_type) or None,
         "peft_type": "LORA",
         "r": r,
         "rank_pattern": rank_pattern,
         "revision": None,
         "target_modules": (target_modules(list(mods), opts) if layers is None
                            else sorted({n.rsplit(".", 1)[-1] for n in mods})),
-        "task_type": task_type_for(adapter, opts),
+        "task_type": task_type,
         "use_rslora": False,
     }
     if adapter.uses_dora:
