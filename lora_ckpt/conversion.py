@@ -249,6 +249,10 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
             raise VerificationError(f"{out}: the written {to} adapter does not reproduce the source "
                                     f"({report.summary()}); nothing was written; please report this")
 
+    if adapter.meta.config.get("peft_type") and not get_layout(to).keeps_peft_config:
+        adapter.meta.notes.append(f"{to} keeps no PEFT adapter_config.json: converting back to PEFT re-derives "
+                                  "it (task_type, target_modules and modules_to_save as written, revision and init "
+                                  "options are not kept)")
     written = save_adapter(adapter, out, layout=to, base_config=base_config, force=force, allow_lossy=allow_lossy,
                            dtype=dtype, inputs=(source,), check=check if verify_output else None)
     return ConvertResult(det.layout.name, to, Path(out), len(written.modules), reports[0] if reports else None,

@@ -64,6 +64,7 @@ class PeftLayout(Layout):
     scheme = "hf"
     leaves: ClassVar[dict[Role, str]] = PEFT_LEAVES
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
+    keeps_peft_config = True
 
     def detect(self, src: Source) -> Detection | None:
         cfg = src.config

@@ -59,6 +59,7 @@ class LoralibLayout(Layout):
     sidecar_files = (SIDECAR,)
     leaves: ClassVar[dict[Role, str]] = {"A": "lora_A", "B": "lora_B"}
     features = frozenset({"extra"})  # full tensors saved beside the factors (a trained head)
+    keeps_peft_config = True
     one_rank = True
     scale_policy = ScalePolicy.GLOBAL
     pickle = True
@@ -101,6 +102,7 @@ class LlmbookLayout(Layout):
     leaves: ClassVar[dict[Role, str]] = {"A": "A.weight", "B": "B.weight"}
     scale_policy = ScalePolicy.FIXED
     fixed_scale = 1.0
+    keeps_peft_config = True
     pickle = True
 
     def detect(self, src: Source) -> Detection | None:

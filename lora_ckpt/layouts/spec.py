@@ -61,6 +61,9 @@ class LayoutSpec:
     # how a fused module's LoRA is stored (lora_ckpt.fused): one shared A ("plain") or one A per part ("grouped")
     fused_lora: ClassVar[Literal["plain", "grouped"]] = "plain"
     legacy_names: ClassVar[dict[str, str]] = {}  # module template now -> older template accepted on read
+    # the layout's files keep a PEFT adapter_config.json the adapter came with (task_type, target_modules as
+    # written, modules_to_save, ...); elsewhere a conversion back to PEFT re-derives it (and a note says so)
+    keeps_peft_config: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
