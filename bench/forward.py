@@ -95,7 +95,7 @@ class _LoRAFunction(torch.autograd.Function):
     cloned, and only x and the (T, r) activation are saved."""
 
     @staticmethod
-    def forward(ctx, x, w, a, b, s):  # type: ignore[override]
+    def forward(ctx, x, w, a, b, s):
         x2 = x.reshape(-1, x.shape[-1])
         out = torch.mm(x2, w.t())
         h = torch.mm(x2, a.t())
@@ -105,7 +105,7 @@ class _LoRAFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
+    def backward(ctx, gy):
         x, w, a, b, h = ctx.saved_tensors
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])

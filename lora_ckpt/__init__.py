@@ -35,15 +35,26 @@ _EXPORTS = {  # public name -> submodule (None: the submodule itself)
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from . import errors, hub
-    from .adapter import Adapter
-    from .conversion import convert, verify
-    from .layouts import load_adapter, save_adapter
-    from .checkpoint import LoadResult, load_checkpoint, read_checkpoint
-    from .inject import adapter_state_dict, inject_lora, stock_state_dict
-    from .layer import LoRALinear
-    from .report import inspect_checkpoint, inspect_source
+if TYPE_CHECKING:  # pragma: no cover  (`import x as x`: explicit re-exports for type checkers)
+    from . import errors as errors
+    from . import hub as hub
+    from .adapter import Adapter as Adapter
+    from .check import check_source as check_source
+    from .checkpoint import LoadResult as LoadResult
+    from .checkpoint import load_checkpoint as load_checkpoint
+    from .checkpoint import read_checkpoint as read_checkpoint
+    from .conversion import convert as convert
+    from .conversion import verify as verify
+    from .inject import adapter_state_dict as adapter_state_dict
+    from .inject import inject_lora as inject_lora
+    from .inject import stock_state_dict as stock_state_dict
+    from .layer import LoRALinear as LoRALinear
+    from .layouts import load_adapter as load_adapter
+    from .layouts import save_adapter as save_adapter
+    from .merge import MergeResult as MergeResult
+    from .merge import merge_checkpoint as merge_checkpoint
+    from .report import inspect_checkpoint as inspect_checkpoint
+    from .report import inspect_source as inspect_source
 
 
 def __getattr__(name: str) -> Any:

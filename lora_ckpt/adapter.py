@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ShapeMismatchError
 from .families import ModelConfig
@@ -144,7 +142,7 @@ class Adapter:
         def c(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(dtype)
 
-        mods = {n: replace(m, A=c(m.A), B=c(m.B), magnitude=c(m.magnitude), bias=c(m.bias))
+        mods = {n: replace(m, A=m.A.to(dtype), B=m.B.to(dtype), magnitude=c(m.magnitude), bias=c(m.bias))
                 for n, m in self.modules.items()}
         return replace(self, modules=mods, extra={k: v.to(dtype) for k, v in self.extra.items()})
 
@@ -152,4 +150,4 @@ class Adapter:
 def alpha_for(scale: float, r: int, *, rslora: bool = False) -> float | int:
     """The PEFT ``lora_alpha`` that gives ``scale`` at rank ``r`` (an int when exact)."""
     a = scale * (math.sqrt(r) if rslora else r)
-    return int(round(a)) if abs(a - round(a)) < 1e-9 * max(1.0, abs(a)) else a
+    return round(a) if abs(a - round(a)) < 1e-9 * max(1.0, abs(a)) else a

@@ -183,7 +183,7 @@ def _peft_config(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, k
     layers = cfg.get("layers_to_transform")
     if layers is not None:
         keep = {layers} if isinstance(layers, int) else set(layers)
-        out = [n for n in adapter.modules if (b := parse_layer(n, containers=_BLOCK_LISTS)) and b.index not in keep]
+        out = [n for n in adapter.modules if (b := parse_layer(n, containers=_BLOCK_LISTS)) and b.number not in keep]
         if out:
             add(Finding("error", f"layers_to_transform {sorted(keep)} excludes {len(out)} module(s) in the file "
                         f"({quote_list(out, 3)}): dropped silently", convert))
@@ -276,8 +276,8 @@ def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys
         ranks = adapter.ranks()
         if cfg.get("use_rslora") and len(ranks) == 1 and not cfg.get("alpha_pattern"):
             r = next(iter(ranks))
-            fix = (f"llama.cpp ignores use_rslora: set lora_alpha to alpha*sqrt(r) = {alpha_for(alpha / math.sqrt(r), r)} "
-                   "and use_rslora to false")
+            fix = (f"llama.cpp ignores use_rslora: set lora_alpha to alpha*sqrt(r) = "
+                   f"{alpha_for(alpha / math.sqrt(r), r)} and use_rslora to false")
         else:
             fix = (f"fold the per-module scales into lora_B under one rank and alpha: lora-ckpt convert {source} --to "
                    "loralib -o TMP && lora-ckpt convert TMP --to peft -o OUT (exact up to float32 rounding, verified)")
@@ -328,8 +328,8 @@ def _layout_limits(adapter: Adapter, layout: str, add: Any, source: str) -> None
 def _torchtune(adapter: Adapter, add: Any, source: str) -> None:
     _layout_limits(adapter, "torchtune", add, source)
     if len(adapter.ranks()) > 1 or len(adapter.scales()) > 1:
-        add(Finding("warning", f"ranks {sorted(adapter.ranks())} / scales {sorted(adapter.scales())}: torchtune has one "
-                    "rank and alpha; the conversion zero-pads ranks and folds scales into lora_b (exact)"))
+        add(Finding("warning", f"ranks {sorted(adapter.ranks())} / scales {sorted(adapter.scales())}: torchtune has "
+                    "one rank and alpha; the conversion zero-pads ranks and folds scales into lora_b (exact)"))
     if adapter.uses_dora:
         add(Finding("warning", "DoRA: torchtune's distributed recipe re-initialises magnitudes when resuming"))
     add(Finding("warning", "torchtune loads an adapter only when resuming its run (recipe_state.pt beside "

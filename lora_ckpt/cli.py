@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .check import TARGETS, check_source
@@ -21,6 +22,9 @@ from .errors import LoraCkptError
 from .hub.client import pull, resolve_source
 from .layouts import layout_names
 from .report import format_report, inspect_source
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main"]
 
@@ -64,7 +68,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dtype(name: str | None):  # noqa: ANN202 - torch is imported lazily
+def _dtype(name: str | None) -> torch.dtype | None:  # torch imported lazily: --help and inspect stay torch-free
     """``--dtype``: the one dtype parser (bf16, fp16, fp32, the long names)."""
     from .dtypes import parse_dtype  # imports torch once a dtype is given
 
@@ -162,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dtypes and warnings; for a stock checkpoint, tensors, dtypes and parameters. "
                                    "Reads safetensors headers only.",
                        epilog="examples:\n  lora-ckpt inspect adapter_model.safetensors\n"
-                              "  lora-ckpt inspect epoch_0/ --json", formatter_class=argparse.RawDescriptionHelpFormatter)
+                              "  lora-ckpt inspect epoch_0/ --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a file or directory (or hf://ORG/NAME[@REV][/SUBDIR])")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--values", action="store_true", help="scan tensor values for NaN/Inf whatever the file size "

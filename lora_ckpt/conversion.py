@@ -161,9 +161,10 @@ def verify(a: PathLike, b: PathLike, *, base_config: PathLike | ModelConfig | No
            alpha: float | None = None, tolerance: float | None = None) -> VerifyReport:
     """Compare two adapters in any layouts (see :func:`compare_adapters`)."""
     with one_thread():
-        return compare_adapters(load_adapter(a, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config),
-                                load_adapter(b, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config),
-                                tolerance=tolerance)
+        return compare_adapters(
+            load_adapter(a, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config),
+            load_adapter(b, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config),
+            tolerance=tolerance)
 
 
 @contextlib.contextmanager
@@ -224,7 +225,8 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
              alpha: float | None, dtype: torch.dtype | None, force: bool, allow_lossy: bool,
              verify_output: bool) -> ConvertResult:
     det = detect_layout(source, layout=from_)
-    adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha, resolve_base_config=fetch_model_config)
+    adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha,
+                           resolve_base_config=fetch_model_config)
     reports: list[VerifyReport] = []
 
     def release(*mods: ModuleLoRA) -> None:  # memory-mapped pages leave RSS as soon as a module is done

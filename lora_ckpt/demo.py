@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .io import PathLike
+from .errors import VerificationError
 from .inject import adapter_state_dict, inject_lora, stock_state_dict
+from .io import PathLike
 
 __all__ = ["MetaTransformer", "run_demo"]
 
@@ -114,7 +115,14 @@ def build_meta_model(params: dict) -> MetaTransformer:
 
 
 def run_demo(fixture: PathLike) -> str:
-    """Run the demo on a fixture directory (``params.json`` + ``consolidated.safetensors``)."""
+    """Run the demo on a fixture directory (``params.json`` + ``consolidated.safetensors``).
+
+    Returns:
+        The demo's report, one line per step, ending with ``demo OK``.
+
+    Raises:
+        VerificationError: a step did not reproduce what it must (the CLI exits with code 3).
+    """
     fixture = Path(fixture)
     params = json.loads((fixture / "params.json").read_text())
     ckpt = fixture / "consolidated.safetensors"
@@ -135,7 +143,8 @@ def run_demo(fixture: PathLike) -> str:
     diff = (ref - out).abs().max().item()
     lines.append(f"outputs           max |logits(LoRA) - logits(stock)| = {diff:.1e} (adapters start as no-ops)")
     if diff != 0.0:
-        raise AssertionError("LoRA model does not reproduce the stock model")
+        raise VerificationError(f"the LoRA model's logits differ from the stock model's by {diff:.1e} "
+                                "(expected 0: fresh adapters are no-ops); please report this")
 
     before = {k: v.detach().clone() for k, v in lora.state_dict().items()}
     trainable = [p for p in lora.parameters() if p.requires_grad]
@@ -152,7 +161,8 @@ def run_demo(fixture: PathLike) -> str:
                  f"{only_adapters}; trainable {n_adapter:,} of {n_total:,} parameters "
                  f"({100 * n_adapter / n_total:.1f}%)")
     if not only_adapters or not changed:
-        raise AssertionError("the training step did not move exactly the adapters")
+        raise VerificationError(f"the training step changed {len(changed)} tensors, all adapters: {only_adapters} "
+                                "(expected only and some adapter tensors); please report this")
 
     with torch.no_grad():
         after = lora(tokens)
@@ -163,6 +173,7 @@ def run_demo(fixture: PathLike) -> str:
     lines.append(f"after the step    output moved by {moved:.2e}; stock export (adapters merged) reloads "
                  f"strict into the plain model, max diff {back:.1e}")
     if not math.isfinite(back) or back > 1e-4 or moved == 0.0:
-        raise AssertionError("stock export does not reproduce the fine-tuned model")
+        raise VerificationError(f"the stock export reproduces the fine-tuned model to {back:.1e} and the step moved "
+                                f"the output by {moved:.1e} (expected <= 1e-4 and > 0); please report this")
     lines.append("demo OK")
     return "\n".join(lines)

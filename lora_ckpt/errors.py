@@ -152,7 +152,7 @@ class KeyMismatchError(StateDictError):
     """A strict load whose checkpoint misses keys of the model or has keys it does not know."""
 
     def __init__(self, message: str, *, missing: list[str], unexpected: list[str]) -> None:
-        super().__init__(message, key=(missing or unexpected or [None])[0])
+        super().__init__(message, key=next(iter(missing or unexpected), None))
         self.missing = missing
         self.unexpected = unexpected
 
@@ -212,8 +212,10 @@ class LossyConversionError(ConversionError):
         self.dropped = dropped
 
 
-class VerificationError(LoraCkptError, AssertionError):
-    """Two adapters that do not compute the same update."""
+class VerificationError(LoraCkptError, RuntimeError):
+    """A result checked after the fact that does not reproduce what it must (a written adapter read
+    back, the demo's stock-vs-LoRA logits): a defect found at run time, not bad input. Not an
+    ``AssertionError``, which callers and test runners read as a failed assertion of their own."""
 
     exit_code = 3
 

@@ -30,13 +30,13 @@ Nothing here imports torch at module level (``inspect`` reads shapes only, as
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .adapter import ModuleLoRA
 from .errors import ConversionError, LayoutError, UnsupportedAdapterError, quote_list
-from .families import Family, Fused, ModelConfig, template_regex
+from .families import FAMILIES, Family, Fused, ModelConfig, template_regex
 from .io import TensorMeta
 
 if TYPE_CHECKING:
@@ -92,20 +92,22 @@ def fuse(parts: Sequence[ModuleLoRA | None], sizes: Sequence[int]) -> ModuleLoRA
     meta = _meta(first.A)
     same_a = (len(present) == len(parts) and not meta
               and all(p.A.shape == first.A.shape and bool((p.A == first.A).all()) for p in present))
+    A: Any
+    B: Any  # TensorMeta stand-ins when reading shapes only, else tensors
     if meta:  # shapes only (inspect): the stacked form's shapes
         rank = first.rank if len(present) == 1 else sum(p.rank for p in present)
-        A = TensorMeta((rank, first.A.shape[1]), first.A.dtype)
-        B = TensorMeta((sum(sizes), rank), first.B.dtype)
+        A = TensorMeta((rank, first.A.shape[1]), str(first.A.dtype))  # a TensorMeta dtype is already a str
+        B = TensorMeta((sum(sizes), rank), str(first.B.dtype))
     else:
         import torch
 
         if same_a:
-            A, B = first.A, torch.cat([p.B for p in parts])  # type: ignore[union-attr]
+            A, B = first.A, torch.cat([p.B for p in present])
         else:
             A = torch.cat([p.A for p in present])
             B = torch.zeros(sum(sizes), A.shape[0], dtype=first.B.dtype)
             row, col = 0, 0
-            for p, size in zip(parts, sizes):
+            for p, size in zip(parts, sizes, strict=False):
                 if p is not None:
                     B[row:row + size, col:col + p.rank] = p.B
                     col += p.rank
@@ -114,7 +116,7 @@ def fuse(parts: Sequence[ModuleLoRA | None], sizes: Sequence[int]) -> ModuleLoRA
     bias = None
     if any(p is not None and p.bias is not None for p in parts):
         bias = _cat([_zeros_like_rows(p.bias if p is not None else None, size, first.B)
-                     for p, size in zip(parts, sizes)])
+                     for p, size in zip(parts, sizes, strict=False)])
     return ModuleLoRA(A=A, B=B, scale=scale, magnitude=magnitude, bias=bias, kind=first.kind,
                       fan_in_fan_out=first.fan_in_fan_out)
 
@@ -141,7 +143,7 @@ def group(parts: Sequence[ModuleLoRA | None], in_features: int) -> tuple[torch.T
 def ungroup(A: Any, B: Any, sizes: Sequence[int], enabled: Sequence[bool], scale: float) -> list[ModuleLoRA | None]:
     """Grouped ``(A (r·n, in), B (Σ enabled out, r))`` -> one module per part (None where disabled)."""
     n = sum(enabled)
-    outs = [s for s, e in zip(sizes, enabled) if e]
+    outs = [s for s, e in zip(sizes, enabled, strict=False) if e]
     if n == 0 or A.shape[0] % n or B.shape[0] != sum(outs) or A.shape[0] // n != B.shape[1]:
         raise LayoutError(
             f"a grouped fused LoRA with lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} does not fit "
@@ -150,7 +152,7 @@ def ungroup(A: Any, B: Any, sizes: Sequence[int], enabled: Sequence[bool], scale
     r = A.shape[0] // n
     out: list[ModuleLoRA | None] = []
     group_i, row = 0, 0
-    for size, on in zip(sizes, enabled):
+    for size, on in zip(sizes, enabled, strict=False):
         if not on:
             out.append(None)
             continue
@@ -162,7 +164,7 @@ def ungroup(A: Any, B: Any, sizes: Sequence[int], enabled: Sequence[bool], scale
 
 # ------------------------------------------------------------------- module dicts
 def separate(fused_entries: Sequence[Fused], modules: dict[str, ModuleLoRA], cfg: ModelConfig | None, *,
-             to_hf: bool, grouped: bool = False, enabled: dict[Fused, Sequence[bool]] | None = None,
+             to_hf: bool, grouped: bool = False, enabled: Mapping[Fused, Sequence[bool]] | None = None,
              ) -> tuple[dict[str, ModuleLoRA], set[str]]:
     """Split every module that is the fused side of an entry.
 
@@ -194,7 +196,7 @@ def separate(fused_entries: Sequence[Fused], modules: dict[str, ModuleLoRA], cfg
                 parts: Sequence[ModuleLoRA | None] = ungroup(m.A, m.B, sizes, on, m.scale)
             else:
                 parts = split(m, fe.sizes(cfg, m.out_features))
-            for template, part in zip(dst, parts):
+            for template, part in zip(dst, parts, strict=False):
                 if part is not None:
                     out[template.format(*hit.groups())] = part
             used.add(name)
@@ -231,11 +233,12 @@ def join(fused_entries: Sequence[Fused], modules: dict[str, ModuleLoRA], cfg: Mo
             first = next(p for p in parts if p is not None)
             sizes = (tuple(p.out_features for p in parts) if all(p is not None for p in parts) and cfg is None  # type: ignore[union-attr]
                      else fe.sizes(cfg, _total_from_parts(fe, cfg, parts)))
-            if any(p is not None and p.out_features != size for p, size in zip(parts, sizes)):
+            if any(p is not None and p.out_features != size for p, size in zip(parts, sizes, strict=False)):
                 raise ConversionError(f"{dst[0].format(*key)}: parts with {[p and p.out_features for p in parts]} rows "
                                       f"do not fit the fused rows {tuple(sizes)}")
             if grouped:
-                filled = [p if p is not None else _zero(first, size) for p, size, e in zip(parts, sizes, on) if e]
+                filled = [p if p is not None else _zero(first, size)
+                          for p, size, e in zip(parts, sizes, on, strict=False) if e]
                 A, B = group(filled, first.A.shape[1])
                 out[dst[0].format(*key)] = ModuleLoRA(A=A, B=B, scale=first.scale)
             else:
@@ -264,7 +267,7 @@ def _total_from_parts(fe: Fused, cfg: ModelConfig | None, parts: Sequence[Module
 def _infer_enabled(name: str, sizes: Sequence[int], m: ModuleLoRA) -> tuple[bool, ...]:
     """The enabled parts of a grouped module from its B rows, when only one subset fits."""
     n = len(sizes)
-    fits = [mask for mask in _masks(n) if sum(s for s, e in zip(sizes, mask) if e) == m.B.shape[0]
+    fits = [mask for mask in _masks(n) if sum(s for s, e in zip(sizes, mask, strict=False) if e) == m.B.shape[0]
             and m.A.shape[0] % sum(mask) == 0 and m.A.shape[0] // sum(mask) == m.B.shape[1]]
     if len(fits) != 1:
         raise LayoutError(
@@ -321,6 +324,8 @@ def unstack_experts(family: Family | None, name: str, A: Any, B: Any, *, layout:
     E, r = B.shape[0], B.shape[2]
     out = {}
     for e in range(E):
+        a: Any
+        b: Any
         a = (TensorMeta((r, A.shape[-1]), A.dtype) if _meta(A)
              else A[e] if A.dim() == 3 else A[e * r:(e + 1) * r])
         b = TensorMeta(B.shape[1:], B.dtype) if _meta(B) else B[e]
@@ -335,8 +340,6 @@ def stack_experts(family: Family | None, modules: dict[str, ModuleLoRA], *, n_ex
     Experts missing from the adapter get zero factors (a no-op); ranks are padded to the largest.
     """
     import torch
-
-    from .families import FAMILIES
 
     tables = [family.stacked_experts] if family is not None else [f.stacked_experts for f in FAMILIES.values()]
     pairs = {(switch, expert) for table in tables for switch, expert in table.items()}
@@ -374,8 +377,6 @@ def stack_experts(family: Family | None, modules: dict[str, ModuleLoRA], *, n_ex
 
 
 def _expert_template(family: Family | None, name: str, *, layout: str) -> tuple[str, tuple[str, ...]]:
-    from .families import FAMILIES
-
     candidates = [family] if family is not None else list(FAMILIES.values())
     for fam in candidates:
         for switch, expert in fam.stacked_experts.items():

@@ -12,8 +12,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["ADAPTER_LEAVES", "ADAPTER_PARAMS", "ALIASES", "BASE_PARAMS", "KEY_DIALECTS", "LEAF_ROLES", "TRANSPOSED_LEAVES",
-           "KeyDialect", "matches_target", "split_key"]
+__all__ = ["ADAPTER_LEAVES", "ADAPTER_PARAMS", "ALIASES", "BASE_PARAMS", "KEY_DIALECTS", "LEAF_ROLES",
+           "TRANSPOSED_LEAVES", "KeyDialect", "matches_target", "split_key"]
 
 BASE_PARAMS = ("linear.weight", "linear.bias")
 ADAPTER_PARAMS = ("lora_A.weight", "lora_B.weight")

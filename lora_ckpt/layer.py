@@ -239,7 +239,7 @@ class _LoRAFunction(torch.autograd.Function):
     the (T, r) activation, and never copies the (T, out) gradient."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, a, b, s):  # type: ignore[override]
+    def forward(ctx, x, w, bias, a, b, s):
         x2 = x.reshape(-1, x.shape[-1])
         hs = torch.mm(x2, a.t()).mul_(s)
         out = torch.mm(hs, b.t()) if bias is None else torch.addmm(bias, hs, b.t())
@@ -249,7 +249,7 @@ class _LoRAFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
+    def backward(ctx, gy):
         x, w, a, b, hs = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1])
         gh = torch.mm(g2, b).mul_(ctx.s)  # (T, r)

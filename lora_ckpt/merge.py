@@ -50,7 +50,7 @@ from .dtypes import DtypeLike, parse_dtype
 from .errors import CheckpointFormatError, ConversionError, MissingConfigError, UsageError, quote_list
 from .families import ModelConfig, load_model_config, model_config_from_dict
 from .hub.client import fetch_model_config
-from .io import DTYPES, PathLike, atomic_output, checkpoint_files, read_json, read_safetensors_header
+from .io import DTYPES, WEIGHT_SUFFIXES, PathLike, atomic_output, checkpoint_files, read_json, read_safetensors_header
 from .layouts import load_adapter
 from .layouts.mistral import params_json
 from .stream import BaseTensor, OutTensor, Streamer, plan_shards, write_shard
@@ -67,7 +67,8 @@ EMBED_KEYS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.lang
               "model.decoder.embed_tokens.weight", "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight")
 HEAD_KEY = "lm_head.weight"
 CONV1D_MODEL_TYPES = ("gpt2",)  # weights stored (in, out): PEFT forces fan_in_fan_out for them
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+#: weight files of a base model directory that are not copied: the ones lora-ckpt reads, and other frameworks'
+NOT_COPIED_SUFFIXES = (*WEIGHT_SUFFIXES, ".gguf", ".h5", ".msgpack", ".ckpt")
 SKIPPED_FILES = ("README.md",)
 
 
@@ -180,9 +181,8 @@ class _Planner:
     def build(self) -> list[OutTensor]:
         outs = {k: OutTensor(k, k, s.dtype, s.info.shape, src=s) for k, s in self.sources.items()}
         embed_key = next((k for k in EMBED_KEYS if k in self.sources), None)
-        tied = embed_key is not None and (HEAD_KEY not in self.sources or self.raw.get("tie_word_embeddings") is True)
-        if tied:
-            self._tied(outs, embed_key)  # type: ignore[arg-type]
+        if embed_key is not None and (HEAD_KEY not in self.sources or self.raw.get("tie_word_embeddings") is True):
+            self._tied(outs, embed_key)
         for key, t in self.adapter.extra.items():  # modules_to_save / saved (or resized) embeddings
             plain = key.replace(".base_layer.", ".")
             target = self._resolve(plain) or (plain if plain in outs else None)
@@ -238,7 +238,7 @@ class _Planner:
         if o.lora is not None:
             self._problem("several adapter modules target one weight", key)
             return
-        src_dtype = o.src.dtype if o.src is not None else _CODE.get(o.tensor.dtype)  # type: ignore[union-attr]
+        src_dtype = o.src.dtype if o.src is not None else None if o.tensor is None else _CODE.get(o.tensor.dtype)
         if src_dtype not in FLOAT_CODES:
             self._problem("targets are not float tensors (a quantised base? merge needs a float one)",
                           f"{key} ({o.dtype})")
@@ -339,6 +339,7 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
     base_path = Path(base)
     sources = _base_sources(base_path)
     raw, cfg = _base_config(base_path, base_config)
+    inputs: tuple[PathLike, ...]
     if isinstance(adapter, Adapter):
         ad, inputs = adapter, (base,)
     else:
@@ -362,16 +363,16 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
                                            desc="merge", disable=not progress, leave=False))
             streamer = Streamer(bar)
             stack.callback(streamer.close)
-            for shard, name in zip(shards, names):
+            for shard, name in zip(shards, names, strict=True):
                 write_shard(tmp / name, shard, streamer)
         if len(shards) > 1:
             index = {"metadata": {"total_size": total,
                                   "total_parameters": sum(math.prod(o.shape) for o in plan)},
-                     "weight_map": {o.key: name for shard, name in zip(shards, names) for o in shard}}
+                     "weight_map": {o.key: name for shard, name in zip(shards, names, strict=True) for o in shard}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _companions(base_path, tmp, raw, dtype=dtype, untied=planner.untied)
-        if to == "meta":
-            (tmp / "params.json").write_text(json.dumps(params_json(cfg), indent=4))  # type: ignore[arg-type]
+        if to == "meta" and cfg is not None:  # (a rename without a config was refused by the planner)
+            (tmp / "params.json").write_text(json.dumps(params_json(cfg), indent=4))
     res = MergeResult(Path(out), to, sum(o.lora is not None for o in plan), planner.replaced, len(plan), total,
                       names, time.perf_counter() - t0, list(ad.meta.notes))
     logger.info("%s", res.summary())
@@ -395,7 +396,7 @@ def _companions(base: Path, out: Path, raw: dict[str, Any] | None, *, dtype: tor
                 continue
             if not p.is_file():
                 logger.info("not copied: %s (a directory)", p.name)
-            elif not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json"):
+            elif not p.name.endswith(NOT_COPIED_SUFFIXES) and not p.name.endswith(".index.json"):
                 shutil.copyfile(p, out / p.name)
     if raw is None:
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ class CheckpointReport:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for m, rep in zip(d["lora_modules"], self.lora_modules):
+        for m, rep in zip(d["lora_modules"], self.lora_modules, strict=False):
             m["rank"] = rep.rank
         return d
 
@@ -86,7 +87,7 @@ def inspect_checkpoint(source: PathLike) -> CheckpointReport:
     modules: dict[str, ModuleReport] = {}
     others = []
     params = 0
-    for name, dtype, shape, nbytes in sorted(entries):
+    for name, dtype, shape, _nbytes in sorted(entries):
         n = 1
         for d in shape:
             n *= d
@@ -125,21 +126,21 @@ def format_report(rep: CheckpointReport | AdapterReport, *, limit: int = 20) -> 
         rows = [("module", "rank", "tensors")] + [
             (m.module, str(m.rank if m.rank is not None else "-"),
              ", ".join(f"{leaf} {tuple(s)}" for leaf, s in m.leaves.items())) for m in rep.lora_modules[:limit]]
-        lines += [""] + _table(rows)
+        lines += ["", *_table(rows)]
         if len(rep.lora_modules) > limit:
             lines.append(f"... and {len(rep.lora_modules) - limit} more module(s) (--json lists all)")
     if rep.other_tensors:
         rows = [("tensor", "dtype", "shape")] + [(n, _dtype_name(d), str(tuple(s)))
                                                  for n, d, s in rep.other_tensors[:limit]]
-        lines += [""] + _table(rows)
+        lines += ["", *_table(rows)]
         if len(rep.other_tensors) > limit:
             lines.append(f"... and {len(rep.other_tensors) - limit} more tensor(s) (--json lists all)")
     return "\n".join(lines)
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
 
 
 def _human(n: int) -> str:
@@ -242,7 +243,7 @@ def _torchtune_export_check(root: Path, cfg: ModelConfig | None) -> list[str]:
     """torchtune writes a PEFT-keyed copy beside adapter_model.pt; 0.6.1's is wrong for DoRA and Qwen."""
     try:
         found = torchtune_export(root, load_adapter(root, layout="torchtune", base_config=cfg,
-                                                       resolve_base_config=fetch_model_config))
+                                                    resolve_base_config=fetch_model_config))
     except LoraCkptError as e:
         return [f"could not check adapter_model.safetensors against adapter_model.pt: {e}"]
     if found is None or found[2].ok:
@@ -258,7 +259,8 @@ def _format_adapter(rep: AdapterReport, limit: int) -> str:
              f"layout      {rep.layout} ({rep.reason})",
              f"family      {rep.family or 'unknown (pass --base-config)'}"
              + (f"; base model {rep.base_model}" if rep.base_model else ""),
-             f"modules     {len(rep.modules)}" + (" (DoRA)" if rep.dora else "") + (" (lora bias)" if rep.lora_bias else ""),
+             f"modules     {len(rep.modules)}" + (" (DoRA)" if rep.dora else "")
+             + (" (lora bias)" if rep.lora_bias else ""),
              "ranks       " + ", ".join(f"{r} x{n}" for r, n in sorted(rep.ranks.items())),
              f"scales      {fmt_scales}",
              "dtypes      " + ", ".join(f"{k} x{v}" for k, v in sorted(rep.dtypes.items())),
@@ -270,7 +272,7 @@ def _format_adapter(rep: AdapterReport, limit: int) -> str:
          ",".join(x for x in ("dora" if m["dora"] else "", "bias" if m["bias"] else "",
                               "embedding" if m["kind"] == "embedding" else "") if x))
         for m in rep.modules[:limit]]
-    lines += [""] + _table(rows)
+    lines += ["", *_table(rows)]
     if len(rep.modules) > limit:
         lines.append(f"... and {len(rep.modules) - limit} more module(s) (--json lists all)")
     lines += [f"warning: {w}" for w in rep.warnings]

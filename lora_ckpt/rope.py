@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .errors import ConversionError
+
 if TYPE_CHECKING:
     import torch
 
@@ -17,8 +19,6 @@ __all__ = ["interleaved_to_rotate_half", "rotate_half_to_interleaved"]
 
 
 def _check(t: torch.Tensor, n: int, hd: int) -> None:
-    from .errors import ConversionError
-
     if hd % 2 or t.shape[0] != n * hd:
         raise ConversionError(
             f"cannot permute q/k rows: tensor has {t.shape[0]} rows, expected n_heads*head_dim = {n}*{hd} "

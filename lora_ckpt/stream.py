@@ -6,6 +6,7 @@ inputs are released as soon as a block is done, so memory stays at a few write u
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -13,7 +14,7 @@ import mmap
 import os
 import queue
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -136,7 +137,7 @@ class Streamer:
                 else:
                     _, f, src = job
                     self._copy(f, src)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the producer
+            except BaseException as e:  # re-raised in the producer
                 self.error = e
                 if job[0] == "block":
                     self.free.put(job[3])
@@ -242,7 +243,7 @@ class Streamer:
     def write(self, f: BinaryIO, o: OutTensor) -> None:
         """Queue tensor ``o`` for writing at the current end of ``f``."""
         self._check()
-        if o.verbatim:
+        if o.verbatim and o.src is not None:
             self._fd(o.src.path)  # opened here: only this thread opens files
             self.jobs.put(("copy", f, o.src))
             return
@@ -254,8 +255,8 @@ class Streamer:
             step = max(hd, step // hd * hd)
         factors = (o.lora.A.float().contiguous(), o.lora.B.float().contiguous()) if o.lora else None
         col_factor = None
-        if o.lora is not None and o.lora.magnitude is not None and o.transposed:
-            col_factor = self._dora_column_factor(o, factors, rows, cols, step)  # type: ignore[arg-type]
+        if factors is not None and o.lora is not None and o.lora.magnitude is not None and o.transposed:
+            col_factor = self._dora_column_factor(o, factors, o.lora.magnitude, rows, cols, step)
         out_dtype = getattr(torch, DTYPES[o.dtype][1])
         # blocks are computed into write units of ~WRITE_BYTES (a whole number of blocks): fewer, larger writes
         unit = max(1, WRITE_BYTES // (max(cols, 1) * out_dtype.itemsize) // step) * step
@@ -287,16 +288,16 @@ class Streamer:
             a, b = (A.T[i:j], B.T) if o.transposed else (B[i:j], A)
             w.addmm_(a, b, alpha=m.scale)  # W + s·B@A, one BLAS call (mixed-dtype adds are 7x slower)
             if m.magnitude is not None and dora:  # PEFT: m / ‖W + ΔW‖ per output feature
-                if o.transposed:
-                    w.mul_(col_factor)  # type: ignore[arg-type]
+                if col_factor is not None:  # an (in, out) weight: column norms from a first pass
+                    w.mul_(col_factor)
                 else:
                     w.mul_((m.magnitude.float()[i:j] / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1))
         if o.add is not None:
             w.add_(o.add.reshape(-1, cols)[i:j])
         return w
 
-    def _dora_column_factor(self, o: OutTensor, factors: tuple[torch.Tensor, torch.Tensor], rows: int, cols: int,
-                            step: int) -> torch.Tensor:
+    def _dora_column_factor(self, o: OutTensor, factors: tuple[torch.Tensor, torch.Tensor], magnitude: torch.Tensor,
+                            rows: int, cols: int, step: int) -> torch.Tensor:
         """DoRA on an (in, out) weight: the norm per output feature is a column norm over all rows
         (a first pass over the blocks)."""
         sq = torch.zeros(cols, dtype=torch.float64)
@@ -304,7 +305,7 @@ class Streamer:
             j = min(rows, i + step)
             sq += self._block(o, factors, i, j, cols, None, dora=False).double().square().sum(0)
             self._release(o, i, j, cols)
-        return (o.lora.magnitude.float() / sq.sqrt().float()).unsqueeze(0)  # type: ignore[union-attr]
+        return (magnitude.float() / sq.sqrt().float()).unsqueeze(0)
 
     def _copy(self, f: BinaryIO, src: BaseTensor) -> None:
         fd_in, fd_out = self._fd(src.path), f.fileno()
@@ -329,14 +330,20 @@ class Streamer:
 
 
 def _close_map(mm: mmap.mmap) -> None:
-    try:
+    with suppress(BufferError):  # a tensor view still alive (an exception mid-block): the GC unmaps it
         mm.close()
-    except BufferError:  # a tensor view still alive (an exception mid-block): the GC unmaps it
-        pass
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable, zero-copy byte view of a contiguous CPU tensor's memory, without numpy (not a
+    dependency of lora-ckpt: ``Tensor.numpy()`` fails where it is not installed). The caller keeps
+    ``t`` alive while the view is used."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
 
 
 def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
-    view = memoryview(buf.numpy()).cast("B")
+    view = _byte_view(buf)
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
@@ -346,7 +353,8 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
 
 
 def _write_all(f: BinaryIO, t: torch.Tensor) -> None:
-    view = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    t = t.contiguous()
+    view = _byte_view(t)
     while view:
         n = f.write(view)
         view = view[n:]
@@ -363,7 +371,7 @@ def write_shard(path: Path, shard: list[OutTensor], streamer: Streamer) -> None:
             for k, o in enumerate(shard):
                 if k + 1 < len(shard):
                     streamer.prefetch(shard[k + 1])
-                streamer.write(f, o)  # type: ignore[arg-type]
+                streamer.write(f, o)
             streamer.flush()
         except BaseException:
             streamer.abort()  # the writer must be idle before f is closed

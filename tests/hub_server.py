@@ -14,6 +14,7 @@ must be ``namespace/name``.  Fault knobs: :meth:`HubServer.set_gated`, :meth:`Hu
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -125,7 +126,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = True  # server_close() joins handler threads (py3.7+ tracks them even if daemon)
 
-    def __init__(self, hub: "HubServer"):
+    def __init__(self, hub: HubServer):
         self.hub = hub
         self.live: set[socket.socket] = set()
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -163,9 +164,9 @@ class HubServer:
         self.url = ""
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self._server = _Server(self)
-        self.url = "http://127.0.0.1:%d" % self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="hub-server", daemon=True)
         self._thread.start()
         return self
@@ -178,15 +179,13 @@ class HubServer:
         with self._lock:
             live = list(self._server.live)
         for sock in live:  # wakes handlers blocked on a kept-alive connection
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self._server.server_close()
         self._thread.join(5)
         self._server = self._thread = None
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -390,7 +389,7 @@ class _Handler(BaseHTTPRequestHandler):
             safe = " ".join(e.message.split()).encode("ascii", "backslashreplace").decode()  # header-safe
             headers = {"X-Error-Message": safe, **({"X-Error-Code": e.code} if e.code else {}), **e.headers}
             self._send(e.status, {"error": e.message}, headers=headers)
-        except (ConnectionError, socket.timeout):
+        except (TimeoutError, ConnectionError):
             self.close_connection = True
         except Exception as e:  # a bug here: show it, and tell the client
             traceback.print_exc()
@@ -479,7 +478,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _api_repo(self, repo: Repo, action: list[str]) -> None:
         hub, method = self.hub, self.command
-        verb, rev = (action + ["", ""])[:2]
+        verb, rev = ([*action, "", ""])[:2]
         if method == "GET" and verb in ("", "revision"):
             commit = hub._resolve(repo, rev if verb else "main")
             return self._send(200, hub._info(repo, commit, bool(self.query.get("blobs"))))
@@ -581,9 +580,9 @@ class _Handler(BaseHTTPRequestHandler):
                     raise HubError(400, f"sha256 of the uploaded body does not match {oid}")
                 hub._store(self.body, True)
                 repo.lfs_oids.add(oid)
-            elif self.command == "POST":  # verify
-                if oid not in repo.lfs_oids or len(hub._blobs[oid]) != self._json().get("size"):
-                    raise HubError(404, f"LFS object {oid} not found")
+            elif self.command == "POST" and (  # verify
+                    oid not in repo.lfs_oids or len(hub._blobs[oid]) != self._json().get("size")):
+                raise HubError(404, f"LFS object {oid} not found")
         self._send(200, {})
 
     # ------------------------------------------------------------------ downloads

@@ -18,7 +18,7 @@ import json
 import logging
 import warnings
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -51,7 +51,7 @@ def hf_config_path(family: str) -> Path:
     return HF / family / "config.json"
 
 
-@lru_cache(maxsize=None)
+@cache
 def hf_config(family: str) -> dict:
     return json.loads(hf_config_path(family).read_text())
 
@@ -61,7 +61,7 @@ def head_dim(family: str) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hf_model(family: str):
     from transformers import AutoModelForCausalLM
 
@@ -217,7 +217,7 @@ def tt_build(family: str, *, rank: int, alpha: float, use_dora: bool = False,
     return builder(**kw)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tt_base(family: str) -> dict[str, torch.Tensor]:
     from torchtune.models import convert_weights
 

@@ -70,7 +70,10 @@ def convert_to(layout: str, *extra: str) -> Callable[[Path], list[str]]:
     return argv
 
 
-def case(id: str, error: type[Exception], phrase: str, cmd: Callable[[Path], list[str]] = convert_to("peft")):
+TO_PEFT = convert_to("peft")
+
+
+def case(id: str, error: type[Exception], phrase: str, cmd: Callable[[Path], list[str]] = TO_PEFT):
     def deco(fn: Callable[[Path], Path]) -> Case:
         return Case(id, lambda tmp: cmd(fn(tmp)), error, phrase)
     return deco
@@ -417,7 +420,8 @@ def _(tmp):
 
 
 @add
-@case("merge-bad-shard-size", E.UsageError, "is not a size", merge_into(str(FIX / "hf/llama"), "--max-shard-size", "12XB"))
+@case("merge-bad-shard-size", E.UsageError, "is not a size",
+      merge_into(str(FIX / "hf/llama"), "--max-shard-size", "12XB"))
 def _(tmp):
     return _peft_dir(tmp / "a")
 
@@ -501,7 +505,8 @@ import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
 from lora_ckpt.cli import main
-sys.exit(main(["convert", {str(src)!r}, "--to", "torchtune", "-o", {str(tmp_path / "out")!r}, "--base-config", {str(LLAMA_CFG)!r}]))
+sys.exit(main(["convert", {str(src)!r}, "--to", "torchtune", "-o", {str(tmp_path / "out")!r},
+               "--base-config", {str(LLAMA_CFG)!r}]))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 1, p.stderr

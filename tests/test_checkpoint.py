@@ -94,7 +94,7 @@ def test_strict_still_fails_for_a_missing_non_lora_key(llama_ckpt, tmp_path):
     # and torch's own strict path agrees: only that key, no adapter key hidden or added
     model2 = tiny_llama(seed=1)
     inject_lora(model2, targets=ALL_LINEAR, r=4, alpha=8)
-    with pytest.raises(RuntimeError, match="model.norm.weight"):
+    with pytest.raises(RuntimeError, match=r"model\.norm\.weight"):
         model2.load_state_dict(sd, strict=True)
     # a missing layer *inside* a LoRA module is not hidden either
     sd2 = {k: v for k, v in stock.state_dict().items() if k != "model.layers.0.self_attn.q_proj.weight"}

@@ -1,40 +1,24 @@
 """Round trips and bytes: our PEFT output for PEFT-made tensors is byte-identical to what PEFT
 wrote; A -> B -> A is byte-identical for tensors across every pair of layouts that can hold the
-content (dtype kept); the name tables are bijections that agree with torchtune's own; bad input is
-refused with typed errors; inputs are never modified.
+content (dtype kept); the name tables are bijections that agree with torchtune's own. Bad input:
+test_convert_refusals.py.
 """
 
-import dataclasses
 import hashlib
 import itertools
 import json
-import logging
 import shutil
+from typing import get_args
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import peers as P
-from lora_ckpt.conversion import compare_adapters, convert, verify
-from lora_ckpt.errors import (
-    AmbiguousLayoutError,
-    ConfigError,
-    ConversionError,
-    IncompleteAdapterError,
-    LayoutError,
-    LoraCkptError,
-    LossyConversionError,
-    MissingConfigError,
-    OutputExistsError,
-    OutputPathError,
-    ShapeMismatchError,
-    UnknownLayoutError,
-    UnsupportedAdapterError,
-    UsageError,
-)
-from lora_ckpt.families import FAMILIES, NameMap
-from lora_ckpt.layouts import LAYOUTS, detect_layout, load_adapter
+from lora_ckpt.conversion import compare_adapters, convert
+from lora_ckpt.families import FAMILIES, is_embedding, template_regex
+from lora_ckpt.layouts import LAYOUTS, ScalePolicy, load_adapter
+from lora_ckpt.layouts.spec import Feature
 from lora_ckpt.rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -42,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 # one torch thread for the whole suite: tests/conftest.py
 
-ALL = ["native", "peft", "torchtune", "mistral", "loralib", "llmbook"]
+ALL = list(LAYOUTS)  # every registered layout: one added later joins every matrix below
 PEFT_FIX = P.FIX / "peft"
 FAMILY_OF = {"gpt2-lora": "gpt2", "qwen2-lora": "qwen2", "mistral-lora": "mistral", "gemma-lora": "gemma"}
 PEFT_FIXTURES = sorted(p.name for p in PEFT_FIX.iterdir())
@@ -59,7 +43,10 @@ def weight_file(d, layout):
 def read_tensors(path) -> dict[str, torch.Tensor]:
     """Independent of lora_ckpt: safetensors, or a torch pickle with weights_only."""
     path = str(path)
-    return load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
+    out = load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
+    if set(out) == {"model"} and isinstance(out["model"], dict):  # LitGPT's {"model": lora tensors}
+        out = out["model"]
+    return out
 
 
 def blobs(path) -> dict[str, tuple[torch.dtype, tuple, bytes]]:
@@ -91,35 +78,57 @@ def semantic_peft_config(d) -> dict:
 
 # =============================================================== PEFT bytes
 #: which layouts can carry each PEFT fixture through and back (the rest refuse: lossy)
-HOLDS = {
-    "llama-lora": ALL, "llama-bin": ALL, "mistral-lora": ALL,
-    "qwen2-lora": [x for x in ALL if x != "mistral"], "gemma-lora": [x for x in ALL if x != "mistral"],
-    "llama-dora": ["native", "peft", "torchtune"],
-    "llama-rslora-patterns": ALL,
-    "llama-lora-bias": ["native", "peft"], "llama-modules-to-save": ["native", "peft"],
-    "llama-embedding": ["native", "peft"], "gpt2-lora": ["native", "peft"],
-}
+#: what each fixture needs beyond plain Linear LoRA (a layout's ``features``); the embedding fixture
+#: also carries the full embedding copy PEFT saves with it ("extra")
+NEEDS = {"llama-dora": {"dora"}, "llama-lora-bias": {"bias"}, "llama-modules-to-save": {"extra"},
+         "llama-embedding": {"embedding", "extra"}, "gpt2-lora": {"fan_in_fan_out"}}
+
+
+def holds(fixture: str) -> list[str]:
+    """The registered layouts that can hold the fixture: its features, and names for its family."""
+    family = FAMILIES[family_of(fixture)]
+    return [name for name, lay in LAYOUTS.items() if NEEDS.get(fixture, set()) <= lay.features
+            and (lay.scheme == "hf" or lay.scheme in family.maps)]
+
+
+HOLDS = {f: holds(f) for f in PEFT_FIXTURES}
+FIXED_SCALE = [name for name, lay in LAYOUTS.items() if lay.scale_policy is ScalePolicy.FIXED]
 #: via these, tensors cannot stay byte-identical: one rank/scale (patterns padded and folded) or
 #: llmbook's fixed scale 1 (alpha/r = 2 folded into B)
-FUNCTION_ONLY = {("llama-rslora-patterns", v) for v in ("torchtune", "mistral", "loralib", "llmbook")} | {
-    (f, "llmbook") for f in HOLDS}
-#: layouts that keep PEFT's whole adapter_config.json (so its bytes can come back; loralib and llmbook in lora_config.json)
-KEEPS_PEFT_CONFIG = {"peft", "native", "torchtune", "loralib", "llmbook"}
-#: layouts with nowhere to keep the base model id (base_model_name_or_path)
-NO_BASE_ID = {"mistral"}
-#: layouts with nowhere to keep a PEFT config (loralib and llmbook keep it in lora_config.json)
-NO_PEFT_CONFIG = {"mistral"}
+FUNCTION_ONLY = {("llama-rslora-patterns", v) for v in ALL if LAYOUTS[v].one_rank} | {
+    (f, v) for f in HOLDS for v in FIXED_SCALE}
+#: layouts that keep PEFT's whole adapter_config.json (so its bytes can come back; loralib and llmbook in
+#: lora_config.json)
+KEEPS_PEFT_CONFIG = {name for name, lay in LAYOUTS.items() if lay.keeps_peft_config}
+
+
+
+@pytest.fixture(scope="module")
+def no_base_id(tmp_path_factory) -> set[str]:
+    """The layouts with nowhere to keep the base model id (base_model_name_or_path), found by writing
+    the llama-lora fixture in each and reading it back."""
+    root = tmp_path_factory.mktemp("base-id")
+    out = set()
+    for name in ALL:
+        convert(PEFT_FIX / "llama-lora", root / name, to=name, base_config=P.hf_config_path("llama"))
+        if load_adapter(root / name, base_config=P.hf_config_path("llama")).meta.base_model is None:
+            out.add(name)
+    return out
+#: the config key a layout keeps the base model id under
+BASE_ID_KEYS = ("base_model_name_or_path", "model")
 
 
 def test_holds_table_covers_every_peft_fixture():
-    assert set(HOLDS) == set(PEFT_FIXTURES)
+    assert set(NEEDS) <= set(PEFT_FIXTURES)
+    lossless = [name for name, lay in LAYOUTS.items() if lay.features == frozenset(get_args(Feature))]
+    assert lossless and all(set(lossless) <= set(held) for held in HOLDS.values())
 
 
 BYTE_CASES = [(f, v) for f in PEFT_FIXTURES for v in HOLDS.get(f, [])]
 
 
 @pytest.mark.parametrize("fixture,via", BYTE_CASES, ids=[f"{f}-via-{v}" for f, v in BYTE_CASES])
-def test_peft_output_is_byte_identical_to_what_peft_wrote(tmp_path, fixture, via):
+def test_peft_output_is_byte_identical_to_what_peft_wrote(tmp_path, no_base_id, fixture, via):
     """fixtures/peft/<x> -> [via] -> peft: adapter_model.safetensors and adapter_config.json are
     PEFT's own bytes. Where the intermediate cannot keep them (see FUNCTION_ONLY and
     KEEPS_PEFT_CONFIG) the meaning is asserted instead: PEFT's parsed config, and where the tensors
@@ -140,7 +149,7 @@ def test_peft_output_is_byte_identical_to_what_peft_wrote(tmp_path, fixture, via
         rep = compare_adapters(load_adapter(src), load_adapter(out))
         assert rep.ok and rep.worst <= 1e-6, rep.summary()
         assert semantic_peft_config(out)["use_dora"] == semantic_peft_config(src)["use_dora"]
-        if via == "llmbook" and fixture != "llama-rslora-patterns":  # scale 2 folded into B: exactly 2·B, alpha = r
+        if via in FIXED_SCALE and fixture != "llama-rslora-patterns":  # scale 2 folded into B: exactly 2·B, alpha = r
             theirs, ours = read_tensors(weight_file(src, "peft")), read_tensors(ours_st)
             assert theirs.keys() == ours.keys()
             assert all(torch.equal(ours[k], theirs[k] * (2 if "lora_B" in k else 1)) for k in ours)
@@ -159,7 +168,7 @@ def test_peft_output_is_byte_identical_to_what_peft_wrote(tmp_path, fixture, via
         assert (out / "adapter_config.json").read_bytes() == (src / "adapter_config.json").read_bytes()
     else:  # the intermediate has its own config (torchtune's, params.json, lora_config.json)
         want, got = semantic_peft_config(src), semantic_peft_config(out)
-        if via in NO_BASE_ID:
+        if via in no_base_id:
             want.pop("base_model_name_or_path"), got.pop("base_model_name_or_path")
         assert got == want
 
@@ -180,21 +189,26 @@ def test_peft_config_written_as_peft_writes_it(tmp_path):
 #: content -> (peft source maker, family, layouts that hold it)
 CONTENT = {
     "lora": ("llama-lora", ALL),
-    "lora-scale1": (None, ALL),  # alpha == r: llmbook's fixed scale 1 needs no fold, so all 30 pairs are exact
-    "dora": ("llama-dora", ["native", "peft", "torchtune"]),
-    "bias": ("llama-lora-bias", ["native", "peft"]),
-    "embedding": ("llama-embedding", ["native", "peft"]),
-    "modules-to-save": ("llama-modules-to-save", ["native", "peft"]),
-    "gpt2-conv1d": ("gpt2-lora", ["native", "peft"]),
-    "qwen2": ("qwen2-lora", ["native", "peft", "torchtune", "loralib", "llmbook"]),
-    "gemma": ("gemma-lora", ["native", "peft", "torchtune", "loralib", "llmbook"]),
+    "lora-scale1": (None, ALL),  # alpha == r: llmbook's fixed scale 1 needs no fold, so its pairs are exact
+    "dora": ("llama-dora", HOLDS["llama-dora"]),
+    "bias": ("llama-lora-bias", HOLDS["llama-lora-bias"]),
+    "embedding": ("llama-embedding", HOLDS["llama-embedding"]),
+    "modules-to-save": ("llama-modules-to-save", HOLDS["llama-modules-to-save"]),
+    "gpt2-conv1d": ("gpt2-lora", HOLDS["gpt2-lora"]),
+    "qwen2": ("qwen2-lora", HOLDS["qwen2-lora"]),
+    "gemma": ("gemma-lora", HOLDS["gemma-lora"]),
     "mistral": ("mistral-lora", ALL),
 }
 DTYPES = {"lora": [None, torch.bfloat16], "dora": [None, torch.bfloat16]}
-#: family contents: only the pairs that exercise their family-specific layout (the rest is the same code)
-FOCUS = {"qwen2": "torchtune", "gemma": "torchtune", "mistral": "mistral"}
+#: bf16 is kept by every layout's reader and writer alike: each layout once against peft is enough
+BF16_VIA = "peft"
+#: only the pairs that exercise what the content is about (the rest is the same code as "lora"): the
+#: family-specific layouts (names by family), and llmbook's fixed scale
+FOCUS = {c: {lay for lay in ALL if LAYOUTS[lay].scheme != "hf"} for c in ("qwen2", "gemma", "mistral")}
+FOCUS["lora-scale1"] = {lay for lay in ALL if LAYOUTS[lay].scale_policy is ScalePolicy.FIXED}
 RT_CASES = [(c, dt, a, b) for c, (_, lays) in CONTENT.items() for dt in DTYPES.get(c, [None])
-            for a, b in itertools.permutations(lays, 2) if c not in FOCUS or FOCUS[c] in (a, b)]
+            for a, b in itertools.permutations(lays, 2) if (c not in FOCUS or FOCUS[c] & {a, b})
+            and (dt is None or BF16_VIA in (a, b))]
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +238,7 @@ def _rt_id(c):
 
 
 @pytest.mark.parametrize("content,dtype,a,b", RT_CASES, ids=[_rt_id(c) for c in RT_CASES])
-def test_round_trip_a_b_a(tmp_path, sources, content, dtype, a, b):
+def test_round_trip_a_b_a(tmp_path, sources, no_base_id, content, dtype, a, b):
     src = sources(content, dtype, a)
     cfg = P.hf_config_path(family_of(CONTENT[content][0] or ""))
     mid, back = tmp_path / "mid", tmp_path / "back"
@@ -236,29 +250,36 @@ def test_round_trip_a_b_a(tmp_path, sources, content, dtype, a, b):
         assert {t.dtype for t in read_tensors(weight_file(d, lay)).values()} == {want_dtype}
     first, second = load_adapter(src, base_config=cfg), load_adapter(back, base_config=cfg)
     rep = compare_adapters(first, second)
-    if b == "llmbook" and content != "lora-scale1":  # scale 2 folded into B (exactly: a power of 2) and back
+    if b in FIXED_SCALE and content != "lora-scale1":  # scale 2 folded into B (exactly: a power of 2) and back
         assert rep.ok and rep.worst == 0.0, rep.summary()
         return
     assert blobs(weight_file(back, a)) == blobs(weight_file(src, a))  # every tensor, byte for byte
     assert rep.ok and rep.worst == 0.0 and rep.modules
-    if a in ("peft", "mistral"):  # safetensors: the whole file, header included
+    if not LAYOUTS[a].pickle and a != "native":  # safetensors: the whole file, header included (native's
+        # header records the layout the adapter came from)
         assert weight_file(back, a).read_bytes() == weight_file(src, a).read_bytes()
     # configs keep their meaning: a PEFT adapter_config.json (peft's, torchtune's) as PEFT reads it, and
-    # byte for byte where B carries the PEFT config; every other JSON file (params.json, lora_config.json,
-    # config.json) as is, less the PEFT config copy that B cannot carry
+    # byte for byte where B keeps the PEFT config; every other JSON file (mlx's adapter_config.json,
+    # params.json, lora_config.json, config.json) as is, less the PEFT config copy B cannot keep
+    peft_config = a in KEEPS_PEFT_CONFIG and LAYOUTS[a].config_file == "adapter_config.json"
     for f in sorted(src.iterdir()):
         if f.suffix != ".json":
             continue
-        if f.name == "adapter_config.json":
+        if peft_config and f.name == "adapter_config.json":
             x, y = semantic_peft_config(src), semantic_peft_config(back)
-            if b not in NO_PEFT_CONFIG:
+            if b in KEEPS_PEFT_CONFIG:
                 assert (back / f.name).read_bytes() == f.read_bytes()
         else:
             x = json.loads(f.read_text())
-            y = json.loads((back / f.name).read_text()) if (back / f.name).exists() or b not in NO_PEFT_CONFIG else {}
-        if b in NO_PEFT_CONFIG:
+            y = json.loads((back / f.name).read_text()) if (back / f.name).exists() or b in KEEPS_PEFT_CONFIG else {}
+        if b not in KEEPS_PEFT_CONFIG:  # only the base id of the PEFT config copy can come back
             for d in (x, y):
-                d.pop("base_model_name_or_path", None), d.pop("peft_config", None)
+                base_id = (d.pop("peft_config", None) or {}).get("base_model_name_or_path")
+                if base_id:
+                    d.setdefault("base_model_name_or_path", base_id)
+        if b in no_base_id:
+            for key in BASE_ID_KEYS:
+                x.pop(key, None), y.pop(key, None)
         assert y == x, f.name
     if a == "native":
         assert {n: m.scale for n, m in second.modules.items()} == {n: m.scale for n, m in first.modules.items()}
@@ -299,8 +320,8 @@ def test_name_table_is_a_bijection(family, scheme):
     for nm, tab in ((FAMILIES[family].names(scheme), table), (FAMILIES[family].names(scheme).modules, None)):
         tab = tab or nm.table
         assert len(set(tab.values())) == len(tab), "two HF keys map to one target"
-        fwd = [NameMap._regex(k) for k in tab]
-        rev = [NameMap._regex(v) for v in tab.values()]
+        fwd = [template_regex(k) for k in tab]
+        rev = [template_regex(v) for v in tab.values()]
         for hf_t, other_t in tab.items():
             hf, other = _instances(hf_t, other_t)
             assert nm.to_other(hf) == other and nm.to_hf(other) == hf
@@ -347,15 +368,22 @@ def test_meta_names_agree_with_torchtunes_meta_table(family):
 MODULES = {"hf": ["model.layers.0.self_attn.q_proj", "model.layers.17.mlp.down_proj", "lm_head",
                   "model.embed_tokens", "transformer.h.1.attn.c_attn"],
            "torchtune": ["layers.0.attn.q_proj", "layers.3.mlp.w2", "output"],
-           "meta": ["layers.0.attention.wq", "layers.12.feed_forward.experts.3.w1"]}
+           "meta": ["layers.0.attention.wq", "layers.12.feed_forward.experts.3.w1"],
+           "litgpt": ["transformer.h.0.attn.qkv", "transformer.h.3.mlp.fc_1", "lm_head", "transformer.wte"]}
 
 
 @pytest.mark.parametrize("layout", ALL)
 def test_layout_leaves_are_a_bijection(layout):
     lay = LAYOUTS[layout]
-    assert len(set(lay.leaves.values())) == len(lay.leaves)
+    roles_of: dict[str, list[str]] = {}
+    for role, leaf in lay.leaves.items():
+        roles_of.setdefault(leaf, []).append(role)
+    # a leaf names one role, or (mlx-lm) one Linear and one Embedding role: the module's kind decides
+    assert all(len(r) == 1 or sorted(x.startswith("emb_") for x in r) == [False, True] for r in roles_of.values())
     for module in MODULES[lay.scheme]:
         for role in lay.leaves:
+            if len(roles_of[lay.leaves[role]]) > 1 and role.startswith("emb_") != is_embedding(module):
+                continue
             assert lay.split(lay.key(module, role)) == (module, role)
     assert lay.split(f"{lay.prefix}model.layers.0.self_attn.q_proj.weight") is None  # a base weight is no leaf
 
@@ -371,242 +399,3 @@ def test_rope_permutations_are_inverse_and_match_torchtunes(n, hd):
     key = "model.layers.0.self_attn.q_proj.weight"
     theirs = convert_weights.hf_to_tune({key: t}, num_heads=n, num_kv_heads=n, dim=5, head_dim=hd)
     assert torch.equal(theirs["layers.0.attn.q_proj.weight"], rotate_half_to_interleaved(t, n, hd))
-
-
-# =============================================================== bad input
-def _copy(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _raises(cls, phrase, fn):
-    with pytest.raises(cls) as ei:
-        fn()
-    assert isinstance(ei.value, LoraCkptError)
-    assert phrase.lower() in str(ei.value).lower(), str(ei.value)
-    return ei.value
-
-
-def test_unknown_layout_name(tmp_path):
-    _raises(UsageError, "unknown layout 'nope'", lambda: convert(PEFT_FIX / "llama-lora", tmp_path / "o", to="nope"))
-    _raises(UsageError, "unknown layout", lambda: convert(PEFT_FIX / "llama-lora", tmp_path / "o", to="peft",
-                                                          from_="nope"))
-    assert not (tmp_path / "o").exists()
-
-
-def test_unknown_layout_input(tmp_path):
-    d = tmp_path / "d"
-    d.mkdir()
-    (d / "notes.txt").write_text("hello")
-    _raises(UnknownLayoutError, "no known adapter layout", lambda: convert(d, tmp_path / "o", to="peft"))
-    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}, d / "adapter.safetensors")
-    _raises(UnknownLayoutError, "no known adapter layout", lambda: detect_layout(d / "adapter.safetensors"))
-
-
-def test_ambiguous_file_resolved_by_from(tmp_path):
-    """Mistral-finetune keys saved as adapter_model.safetensors beside a PEFT config fit both the
-    peft layout (config with peft_type beside PEFT's file name) and the mistral layout (Meta keys)."""
-    d = tmp_path / "amb"
-    d.mkdir()
-    save_file(load_file(P.FIX / "mistral" / "lora" / "lora.safetensors"), d / "adapter_model.safetensors")
-    shutil.copy(PEFT_FIX / "mistral-lora" / "adapter_config.json", d / "adapter_config.json")
-    err = _raises(AmbiguousLayoutError, "--from", lambda: convert(d / "adapter_model.safetensors",
-                                                                   tmp_path / "o", to="peft"))
-    assert set(err.candidates) == {"peft", "mistral"}
-    convert(d / "adapter_model.safetensors", tmp_path / "o", to="peft", from_="mistral",
-            base_config=P.hf_config_path("mistral"), alpha=8)
-    assert verify(tmp_path / "o", P.FIX / "mistral" / "lora-as-peft").ok
-    # the same through the CLI: exit 1 with the candidates named, then --from resolves it
-    from lora_ckpt.cli import main
-
-    f = str(d / "adapter_model.safetensors")
-    assert main(["-q", "convert", f, "--to", "peft", "-o", str(tmp_path / "c")]) == 1
-    assert not (tmp_path / "c").exists()
-    assert main(["-q", "convert", f, "--from", "mistral", "--base-config", str(P.hf_config_path("mistral")),
-                 "--alpha", "8", "--to", "peft", "-o", str(tmp_path / "c")]) == 0
-    assert verify(tmp_path / "c", P.FIX / "mistral" / "lora-as-peft").ok
-
-
-def test_ambiguous_directory_resolved_by_from(tmp_path):
-    """A directory holding a loralib file and an LLMBook file."""
-    d = tmp_path / "amb"
-    d.mkdir()
-    sd = load_file(PEFT_FIX / "llama-lora" / "adapter_model.safetensors")
-    bare = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
-    torch.save({k.removesuffix(".weight"): v for k, v in bare.items()}, d / "lora_state_dict.pt")
-    torch.save({k.replace("lora_A", "A").replace("lora_B", "B"): v * 2 if "lora_B" in k else v  # scale 1
-                for k, v in bare.items()}, d / "lora_weights.pt")
-    err = _raises(AmbiguousLayoutError, "matches 2 layouts", lambda: convert(d, tmp_path / "o", to="peft"))
-    assert set(err.candidates) == {"loralib", "llmbook"}
-    convert(d, tmp_path / "lb", to="peft", from_="llmbook")
-    convert(d, tmp_path / "ll", to="peft", from_="loralib", alpha=8)
-    for out in ("lb", "ll"):  # both are the llama-lora adapter (llmbook: scale 2 folded into B)
-        rep = verify(tmp_path / out, PEFT_FIX / "llama-lora")
-        assert rep.ok and rep.worst == 0.0
-
-
-def test_torchtune_module_mapping_to_no_model_module(tmp_path):
-    d = _copy(P.FIX / "torchtune" / "llama-lora" / "epoch_0", tmp_path / "tt")
-    sd = torch.load(d / "adapter_model.pt", weights_only=True)
-    torch.save({k.replace("layers.0.attn.v_proj", "layers.0.attn.bogus_proj"): v for k, v in sd.items()},
-               d / "adapter_model.pt")
-    err = _raises(LayoutError, "'layers.0.attn.bogus_proj' maps to no llama model module",
-                  lambda: convert(d, tmp_path / "o", to="peft"))
-    assert err.layout == "torchtune"
-    (d / "config.json").unlink()  # without a config the family is guessed from the names: none fits
-    _raises(LayoutError, "no model family", lambda: convert(d, tmp_path / "o", to="peft"))
-
-
-def _peft_copy(tmp_path, fixture="llama-lora"):
-    return _copy(PEFT_FIX / fixture, tmp_path / "in")
-
-
-def test_a_b_rank_disagreement(tmp_path):
-    d = _peft_copy(tmp_path)
-    sd = load_file(d / "adapter_model.safetensors")
-    k = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-    sd[k] = sd[k][:, :3].contiguous()
-    save_file(sd, d / "adapter_model.safetensors", metadata={"format": "pt"})
-    err = _raises(ShapeMismatchError, "disagree on the rank", lambda: convert(d, tmp_path / "o", to="torchtune",
-                                                                               base_config=P.hf_config_path("llama")))
-    assert "q_proj" in err.key
-
-
-def test_lora_a_without_lora_b(tmp_path):
-    d = _peft_copy(tmp_path)
-    sd = load_file(d / "adapter_model.safetensors")
-    del sd["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"]
-    save_file(sd, d / "adapter_model.safetensors", metadata={"format": "pt"})
-    _raises(IncompleteAdapterError, "but no lora_B.weight", lambda: convert(d, tmp_path / "o", to="native"))
-
-
-def test_config_rank_disagrees_with_tensors(tmp_path):
-    d = _peft_copy(tmp_path)
-    cfg = json.loads((d / "adapter_config.json").read_text())
-    (d / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
-    _raises(ConfigError, "disagree with the tensors", lambda: convert(d, tmp_path / "o", to="native"))
-    t = _copy(P.FIX / "torchtune" / "llama-lora" / "epoch_0", tmp_path / "tt")
-    cfg = json.loads((t / "adapter_config.json").read_text())
-    (t / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
-    _raises(ConfigError, "r=8 but the tensors have rank 4", lambda: convert(t, tmp_path / "o", to="peft"))
-
-
-def test_adalora_refused(tmp_path):
-    d = _peft_copy(tmp_path)
-    cfg = json.loads((d / "adapter_config.json").read_text())
-    (d / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "ADALORA"}))
-    _raises(UnsupportedAdapterError, "AdaLoRA", lambda: convert(d, tmp_path / "o", to="native"))
-    (d / "adapter_config.json").write_text(json.dumps(cfg))  # LORA config, but AdaLoRA's lora_E in the file
-    sd = load_file(d / "adapter_model.safetensors")
-    sd["base_model.model.model.layers.0.self_attn.q_proj.lora_E"] = torch.zeros(4, 1)
-    save_file(sd, d / "adapter_model.safetensors", metadata={"format": "pt"})
-    _raises(UnsupportedAdapterError, "lora_E", lambda: convert(d, tmp_path / "o", to="native"))
-
-
-def test_3d_lora_b_refused(tmp_path):
-    d = _peft_copy(tmp_path)
-    sd = load_file(d / "adapter_model.safetensors")
-    k = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
-    sd[k] = sd[k].reshape(2, 16, 4).contiguous()
-    save_file(sd, d / "adapter_model.safetensors", metadata={"format": "pt"})
-    _raises(UnsupportedAdapterError, "3-D", lambda: convert(d, tmp_path / "o", to="native"))
-
-
-def test_missing_head_counts_and_alpha(tmp_path):
-    t = _copy(P.FIX / "torchtune" / "llama-lora" / "epoch_0", tmp_path / "tt")
-    (t / "config.json").unlink()
-    _raises(MissingConfigError, "head counts", lambda: convert(t, tmp_path / "o", to="peft"))
-    (t / "adapter_config.json").unlink()  # Meta/TorchTune checkpointers write only adapter_model.pt
-    _raises(MissingConfigError, "lora_alpha", lambda: convert(t, tmp_path / "o", to="peft",
-                                                              base_config=P.hf_config_path("llama")))
-    convert(t, tmp_path / "o", to="peft", base_config=P.hf_config_path("llama"), alpha=8)
-    assert verify(tmp_path / "o", P.FIX / "torchtune" / "llama-lora" / "epoch_0").ok
-    lb = tmp_path / "lb"
-    lb.mkdir()
-    torch.save({"model.layers.0.self_attn.v_proj.lora_A": torch.ones(4, 64),
-                "model.layers.0.self_attn.v_proj.lora_B": torch.ones(32, 4)}, lb / "lora_state_dict.pt")
-    _raises(MissingConfigError, "--alpha", lambda: convert(lb, tmp_path / "o2", to="peft"))
-
-
-def test_family_without_target_names(tmp_path):
-    _raises(ConversionError, "no meta parameter names", lambda: convert(
-        PEFT_FIX / "qwen2-lora", tmp_path / "o", to="mistral", base_config=P.hf_config_path("qwen2")))
-
-
-LOSSY = [("llama-modules-to-save", "lm_head.weight"), ("llama-embedding", "embed_tokens"),
-         ("llama-dora", "DoRA magnitudes"), ("llama-lora-bias", "lora_B.bias")]
-
-
-@pytest.mark.parametrize("fixture,what", LOSSY, ids=[c[0] for c in LOSSY])
-def test_lossy_into_mistral_refused(tmp_path, fixture, what):
-    err = _raises(LossyConversionError, "--allow-lossy", lambda: convert(
-        PEFT_FIX / fixture, tmp_path / "o", to="mistral", base_config=P.hf_config_path("llama")))
-    assert what in str(err) and err.dropped
-    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
-
-
-def _allow_lossy(tmp_path, caplog, fixture):
-    src = PEFT_FIX / fixture
-    with caplog.at_level(logging.WARNING, logger="lora_ckpt"):
-        convert(src, tmp_path / "o", to="mistral", base_config=P.hf_config_path("llama"), allow_lossy=True)
-    assert any("dropping what mistral cannot hold" in r.getMessage() for r in caplog.records)
-    got = load_adapter(tmp_path / "o")
-    want = load_adapter(src)
-    kept = {n: dataclasses.replace(m, magnitude=None, bias=None) for n, m in want.modules.items()
-            if m.kind == "linear"}
-    assert not got.extra and not got.uses_dora and not got.uses_bias
-    rep = compare_adapters(dataclasses.replace(want, modules=kept, extra={}), got)
-    assert rep.ok and rep.worst == 0.0, rep.summary()
-
-
-@pytest.mark.parametrize("fixture", ["llama-modules-to-save", "llama-embedding"])
-def test_allow_lossy_drops_full_tensors_and_embeddings_with_a_warning(tmp_path, caplog, fixture):
-    _allow_lossy(tmp_path, caplog, fixture)
-
-
-@pytest.mark.parametrize("fixture", ["llama-dora", "llama-lora-bias"])
-def test_allow_lossy_drops_dora_and_bias_with_a_warning(tmp_path, caplog, fixture):
-    _allow_lossy(tmp_path, caplog, fixture)
-
-
-def test_output_exists_without_force(tmp_path):
-    out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    err = _raises(OutputExistsError, "exists", lambda: convert(PEFT_FIX / "llama-lora", out, to="native"))
-    assert isinstance(err, FileExistsError) and (out / "keep.txt").read_text() == "mine"
-    convert(PEFT_FIX / "llama-lora", out, to="native", force=True)
-    assert not (out / "keep.txt").exists() and (out / "lora_adapter.safetensors").exists()
-
-
-def test_output_inside_input(tmp_path):
-    d = _peft_copy(tmp_path)
-    before = tree_hash(d)
-    _raises(OutputPathError, "overlaps the input", lambda: convert(d, d / "out", to="native"))
-    _raises(OutputPathError, "overlaps the input", lambda: convert(d, d, to="native", force=True))
-    _raises(OutputPathError, "overlaps the input", lambda: convert(d, tmp_path, to="native", force=True))
-    _raises(OutputPathError, "overlaps the input", lambda: convert(d / "adapter_model.safetensors", d,
-                                                                   to="native", force=True))
-    assert tree_hash(d) == before
-
-
-INPUTS = [PEFT_FIX / f for f in PEFT_FIXTURES] + [P.FIX / "torchtune" / n / "epoch_0" for n in
-                                                   ("llama-lora", "llama-dora", "qwen2-lora")] + [
-    P.FIX / "mistral" / "lora", P.FIX / "mistral" / "lora-as-peft"]
-
-
-def test_inputs_unchanged(tmp_path):
-    """Every fixture converted to every layout (including refused conversions): not one byte or
-    mtime of the inputs changes."""
-    before = {str(d): tree_hash(d) for d in INPUTS}
-    n_ok = 0
-    for i, d in enumerate(INPUTS):
-        fam = "mistral" if "mistral" in d.parts else family_of(d.name if d.name != "epoch_0" else d.parent.name)
-        for to in ALL:
-            try:
-                convert(d, tmp_path / f"{i}-{to}", to=to, base_config=P.hf_config_path(fam))
-                n_ok += 1
-            except LoraCkptError:
-                pass
-    assert n_ok > 40
-    assert {str(d): tree_hash(d) for d in INPUTS} == before

@@ -268,7 +268,7 @@ def test_round_trip_pull_convert_push_in_three_commands(hub, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- errors
 def _one_line_hub_error(capsys, args, repo_id, code=4, text=""):
-    rc, out, err = cli(capsys, *args)
+    rc, _out, err = cli(capsys, *args)
     assert rc == code, err
     assert err.count("\n") == 1 and "Traceback" not in err and repo_id in err and text in err, err
     return err
@@ -320,7 +320,7 @@ def test_missing_token_and_read_only_repo(hub, capsys, monkeypatch):
     hub.add_files(anon, peft_files())
     hub.require_auth = True  # without a token the server answers 401, as the Hub does for private repos
     monkeypatch.delenv("HF_TOKEN")
-    with pytest.raises(RepoNotFoundError, match="HTTP 401.*log in"):
+    with pytest.raises(RepoNotFoundError, match=r"HTTP 401.*log in"):
         lhub.pull(anon)
     monkeypatch.setenv("HF_TOKEN", "hf_loopback_dummy_token")
     assert lhub.pull(anon).is_dir()
@@ -403,13 +403,13 @@ def test_live_hub_pull_and_inspect(tmp_path):
     if os.environ.get("LORA_CKPT_LIVE_TOKEN"):
         env["HF_TOKEN"] = os.environ["LORA_CKPT_LIVE_TOKEN"]
     run = [sys.executable, "-m", "lora_ckpt", "-q"]
-    p = subprocess.run(run + ["pull", repo, "-o", str(tmp_path / "a")], env=env, capture_output=True, text=True)
+    p = subprocess.run([*run, "pull", repo, "-o", str(tmp_path / "a")], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    p = subprocess.run(run + ["inspect", f"hf://{repo}"], env=env, capture_output=True, text=True)
+    p = subprocess.run([*run, "inspect", f"hf://{repo}"], env=env, capture_output=True, text=True)
     assert p.returncode == 0 and "lora" in p.stdout, p.stderr
     dest = os.environ.get("LORA_CKPT_LIVE_REPO")
     if dest and env.get("HF_TOKEN"):
-        p = subprocess.run(run + ["push", str(tmp_path / "a"), dest, "--private"], env=env, capture_output=True,
+        p = subprocess.run([*run, "push", str(tmp_path / "a"), dest, "--private"], env=env, capture_output=True,
                            text=True)
         assert p.returncode == 0 and "/commit/" in p.stdout, p.stderr
     shutil.rmtree(tmp_path / "hf", ignore_errors=True)

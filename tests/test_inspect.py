@@ -17,8 +17,16 @@ from lora_ckpt.report import AdapterReport, inspect_source
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 
 
-def test_cli_layout_names_match_the_registry():
-    assert LAYOUT_NAMES == list(LAYOUTS)
+def test_cli_layout_choices_and_help_come_from_the_registry(capsys):
+    assert list(LAYOUTS) == LAYOUT_NAMES
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in LAYOUTS)
+    with pytest.raises(SystemExit):
+        main(["convert", str(FIX / "peft/llama-lora"), "--to", "no-such-layout", "-o", "x"])
+    err = capsys.readouterr().err
+    assert all(name in err for name in LAYOUTS)
 
 
 @pytest.mark.parametrize("path, layout, family", [
@@ -155,6 +163,8 @@ def test_convert_refuses_output_its_reader_does_not_reproduce(tmp_path, monkeypa
             m.B = m.B * 2
 
     monkeypatch.setattr(PeftLayout, "read_meta", skewed)
-    with pytest.raises(VerificationError, match="does not reproduce the source"):
+    with pytest.raises(VerificationError, match="does not reproduce the source") as info:
         convert(FIX / "torchtune/llama-lora/epoch_0", tmp_path / "out", to="peft")
     assert list(tmp_path.iterdir()) == []
+    # a defect found at run time: RuntimeError, not AssertionError
+    assert isinstance(info.value, RuntimeError) and not isinstance(info.value, AssertionError)

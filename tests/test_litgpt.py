@@ -157,7 +157,8 @@ def test_real_litgpt_loads_our_output_strictly(tmp_path):
     copy_weights_hf_llama(config, {}, state, load_file(LLAMA / "model.safetensors"))
     state = {k.replace(".qkv.", ".qkv.linear.").replace("attn.proj.", "attn.proj.linear.")
              .replace("mlp.fc_1.", "mlp.fc_1.linear.").replace("mlp.fc_2.", "mlp.fc_2.linear.")
-             .replace("mlp.proj.", "mlp.proj.linear.").replace("lm_head.", "lm_head.linear."): v for k, v in state.items()}
+             .replace("mlp.proj.", "mlp.proj.linear.").replace("lm_head.", "lm_head.linear."): v
+             for k, v in state.items()}
     state.update(torch.load(tmp_path / "lit/lit_model.pth.lora", weights_only=True)["model"])
     model.load_state_dict(state, strict=True)  # as litgpt's merge_lora does
     with torch.no_grad():

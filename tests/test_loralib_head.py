@@ -93,7 +93,7 @@ def test_loralib_head_round_trips_bit_exact(trained, tmp_path, via):
 @pytest.mark.parametrize("to", ["torchtune", "llmbook"])
 def test_loralib_head_refused_where_it_cannot_be_held(trained, tmp_path, capsys, to):
     _, sd, _ = trained
-    with pytest.raises(LossyConversionError, match="full tensors .*--allow-lossy"):
+    with pytest.raises(LossyConversionError, match=r"full tensors .*--allow-lossy"):
         convert(sd, tmp_path / "x", to=to, from_="loralib", alpha=ALPHA)
     assert not (tmp_path / "x").exists()
     assert main(["convert", str(sd), "--from", "loralib", "--alpha", str(ALPHA), "--to", to,

@@ -7,8 +7,11 @@ import copy
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -44,7 +47,7 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -407,3 +410,17 @@ def test_cli_merge(tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out.startswith("merged 14 module(s)") and out.err == ""
     assert (tmp_path / "m/model.safetensors.index.json").is_file()
+
+
+def test_merge_needs_no_numpy(tmp_path):
+    """numpy is not a dependency: the streaming writer's byte views must not go through it."""
+    code = ("import sys; sys.modules['numpy'] = None\n"  # any `import numpy` now raises ImportError
+            "from lora_ckpt import merge_checkpoint\n"
+            f"merge_checkpoint({str(FIX / 'hf/llama')!r}, {str(FIX / 'peft/llama-lora')!r}, {str(tmp_path / 'm')!r},"
+            " progress=False)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(FIX.parent)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    ref = tmp_path / "ref"
+    merge_checkpoint(FIX / "hf/llama", FIX / "peft/llama-lora", ref, progress=False)
+    assert (tmp_path / "m/model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()

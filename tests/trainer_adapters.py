@@ -69,7 +69,7 @@ def make(name: str, root: Path) -> tuple[Path, Path]:
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **kwargs))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for n, p in peft.named_parameters():
+        for p in peft.parameters():
             if p.requires_grad:  # LoRA factors and the modules_to_save copies ("trained")
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     peft.save_pretrained(adapter)

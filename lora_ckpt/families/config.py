@@ -48,8 +48,8 @@ class ModelConfig:
         problems = []
         for name, m in modules.items():
             block = parse_layer(name)
-            if block and block.prefix == "model.layers." and n_layers is not None and block.index >= n_layers:
-                problems.append(f"{name}: layer {block.index} but the model has {n_layers} layers")
+            if block and block.prefix == "model.layers." and n_layers is not None and block.number >= n_layers:
+                problems.append(f"{name}: layer {block.number} but the model has {n_layers} layers")
                 continue
             want = self.expected_shape(name)
             got = (m.B.shape[0], m.A.shape[1])
@@ -71,7 +71,7 @@ class ModelConfig:
     @property
     def n_experts(self) -> int | None:
         """Number of MoE experts per layer, if any."""
-        moe = self.raw.get("moe") if isinstance(self.raw.get("moe"), dict) else {}
+        moe: dict[str, Any] = self.raw["moe"] if isinstance(self.raw.get("moe"), dict) else {}
         n = self.raw.get("num_local_experts") or self.raw.get("num_experts") or moe.get("num_experts")
         return int(n) if n else None
 
@@ -100,7 +100,7 @@ def model_config_from_dict(cfg: dict[str, Any], *, source: str = "") -> ModelCon
     try:
         if "n_heads" in cfg and "dim" in cfg:  # params.json
             n, dim = _positive(cfg, "n_heads"), _positive(cfg, "dim")
-            family = FAMILIES["mixtral" if cfg.get("moe") else "mistral"]
+            family: Family | None = FAMILIES["mixtral" if cfg.get("moe") else "mistral"]
             return ModelConfig(family, n, _positive(cfg, "n_kv_heads", n), _positive(cfg, "head_dim", dim // n),
                                dim, cfg, source)
         model_type = cfg.get("model_type", "")

@@ -29,7 +29,7 @@ class LayerName(NamedTuple):
     ``LayerName("model.layers.", 3, "self_attn.q_proj")``."""
 
     prefix: str  # up to and including the block list and its dot ("model.layers.")
-    index: int
+    number: int  # the block's index
     rest: str  # the block-relative path
 
     @property
@@ -50,7 +50,7 @@ def parse_layer(name: str, *, containers: tuple[str, ...] = ("layers",)) -> Laye
 
     Example:
         >>> parse_layer("model.layers.3.self_attn.q_proj")
-        LayerName(prefix='model.layers.', index=3, rest='self_attn.q_proj')
+        LayerName(prefix='model.layers.', number=3, rest='self_attn.q_proj')
     """
     m = _layer_regex(containers).match(name)
     return LayerName(m["pre"], int(m["i"]), m["rest"]) if m else None

@@ -132,16 +132,19 @@ class Fused:
         return sizes
 
 
-_LLAMA_LITGPT_FUSED = (Fused(hf=("model.layers.{}.self_attn.q_proj", "model.layers.{}.self_attn.k_proj",
-                                 "model.layers.{}.self_attn.v_proj"), other=("transformer.h.{}.attn.qkv",), rows="qkv"),)
-_PHI3_TUNE_FUSED = (
+_LLAMA_LITGPT_FUSED: tuple[Fused, ...] = (
+    Fused(hf=("model.layers.{}.self_attn.q_proj", "model.layers.{}.self_attn.k_proj",
+              "model.layers.{}.self_attn.v_proj"),
+          other=("transformer.h.{}.attn.qkv",), rows="qkv"),)
+_PHI3_TUNE_FUSED: tuple[Fused, ...] = (
     Fused(hf=("model.layers.{}.self_attn.qkv_proj",),
           other=("layers.{}.attn.q_proj", "layers.{}.attn.k_proj", "layers.{}.attn.v_proj"), rows="qkv"),
     Fused(hf=("model.layers.{}.mlp.gate_up_proj",), other=("layers.{}.mlp.w1", "layers.{}.mlp.w3"), rows="equal"),
 )
 # mlx-lm stacks MoE experts into one SwitchLinear (``switch_mlp``): mlx template -> HF per-expert
 # template (the expert index is the last "{}"); mlx_lm/models/{mixtral,qwen2_moe,qwen3_moe}.py sanitize().
-_MIXTRAL_MLX_EXPERTS = {f"model.layers.{{}}.block_sparse_moe.switch_mlp.{mlx}": f"model.layers.{{}}.block_sparse_moe.experts.{{}}.{hf}"
+_MIXTRAL_MLX_EXPERTS = {f"model.layers.{{}}.block_sparse_moe.switch_mlp.{mlx}":
+                        f"model.layers.{{}}.block_sparse_moe.experts.{{}}.{hf}"
                         for mlx, hf in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))}
 _QWEN_MOE_MLX_EXPERTS = {f"model.layers.{{}}.mlp.switch_mlp.{p}": f"model.layers.{{}}.mlp.experts.{{}}.{p}"
                          for p in ("gate_proj", "up_proj", "down_proj")}
@@ -176,7 +179,7 @@ class Family:
 
 
 _LITGPT = {"litgpt": _LLAMA_LITGPT}
-_LITGPT_FUSED = {"litgpt": _LLAMA_LITGPT_FUSED}
+_LITGPT_FUSED: dict[str, tuple[Fused, ...]] = {"litgpt": _LLAMA_LITGPT_FUSED}
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", ("llama",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META, **_LITGPT}, fused=_LITGPT_FUSED),
@@ -187,7 +190,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3", ("qwen3",), {"torchtune": _LLAMA_TUNE}, torchtune_interleaved=False),
     Family("qwen2_moe", ("qwen2_moe",), {}, stacked_experts=_QWEN_MOE_MLX_EXPERTS),
     Family("qwen3_moe", ("qwen3_moe",), {}, stacked_experts=_QWEN_MOE_MLX_EXPERTS),
-    Family("phi3", ("phi3",), {"torchtune": _PHI3_TUNE}, torchtune_interleaved=False, fused={"torchtune": _PHI3_TUNE_FUSED}),
+    Family("phi3", ("phi3",), {"torchtune": _PHI3_TUNE}, torchtune_interleaved=False,
+           fused={"torchtune": _PHI3_TUNE_FUSED}),
     Family("gemma", ("gemma",), {"torchtune": {k: v for k, v in _LLAMA_TUNE.items() if k != "lm_head.weight"}}),
     Family("gemma2", ("gemma2",), {"torchtune": {k: v for k, v in _GEMMA2_TUNE.items() if k != "lm_head.weight"}}),
     Family("gemma3", ("gemma3", "gemma3_text"), {}),

@@ -108,7 +108,7 @@ def read_safetensors_header(path: PathLike) -> SafetensorsHeader:
     for name, entry in header.items():
         tensors[name] = _tensor_info(path, name, entry, data_start, data_len)
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (b0, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
+    for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise CheckpointFormatError(
                 f"{path}: tensors {n0!r} and {n1!r} overlap in the data section; the file is corrupt or "

@@ -34,7 +34,7 @@ class TensorMeta:
         return math.prod(self.shape)
 
     @property
-    def T(self) -> TensorMeta:  # noqa: N802 - mirrors torch.Tensor.T
+    def T(self) -> TensorMeta:  # (upper case: mirrors torch.Tensor.T)
         return TensorMeta(self.shape[::-1], self.dtype)
 
     def contiguous(self) -> TensorMeta:

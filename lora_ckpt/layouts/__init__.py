@@ -114,7 +114,8 @@ def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: P
     lay = get_layout(layout)
     cfg = _model_config(base_config)
     with atomic_output(out, force=force, inputs=inputs) as tmp:
-        written = lay.write(adapter, tmp, WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=parse_dtype(dtype)))
+        opts = WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=parse_dtype(dtype))
+        written = lay.write(adapter, tmp, opts)
         if check is not None:  # before the rename: a failed check leaves nothing behind
             check(tmp, written)
     logger.debug("wrote %s layout to %s", lay.name, os.fspath(out))

@@ -35,7 +35,7 @@ from .spec import Detection, LayoutSpec, Role, ScalePolicy
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Layout", "ReadOptions", "Source", "WriteOptions"]
+__all__ = ["Layout", "ReadOptions", "Source", "WriteOptions", "nonfinite", "save_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +72,13 @@ class Layout(LayoutSpec):
     def locate(self, path: Path) -> Source | None:
         """The source files of this layout at ``path`` (a file or directory), if present."""
         if path.is_file():
-            root = path.parent
-            weights = path
+            root, weights = path.parent, path
         else:
             root = path
-            weights = next((path / n for n in self.weight_files if (path / n).is_file()), None)
-            if weights is None:
+            found = next((path / n for n in self.weight_files if (path / n).is_file()), None)
+            if found is None:
                 return None
+            weights = found
         cfg = root / self.config_file if self.config_file and (root / self.config_file).is_file() else None
         return Source(path=path, root=root, weights=weights, config_path=cfg, config_reader=self.read_config)
 
@@ -174,7 +174,7 @@ class Layout(LayoutSpec):
 
     def _module(self, src: Source, name: str, parts: dict[Role, torch.Tensor]) -> ModuleLoRA:
         emb = "emb_A" in parts or "emb_B" in parts
-        a_role, b_role = ("emb_A", "emb_B") if emb else ("A", "B")
+        a_role, b_role = ("emb_A", "emb_B") if emb else ("A", "B")  # type: tuple[Role, Role]
         if a_role not in parts or b_role not in parts:
             have, miss = (a_role, b_role) if a_role in parts else (b_role, a_role)
             raise IncompleteAdapterError(
@@ -199,8 +199,9 @@ class Layout(LayoutSpec):
         stray = [k for k in extra if re.search(rf"\.({self.leaf_pattern()})$", k)]
         if stray:
             raise LayoutError(
-                f"{src.path}: adapter tensor(s) without the {self.name} key prefix {self.prefix!r}: {quote_list(stray)}; "
-                "consumers ignore such keys silently; fix the prefix (or pass --from with the right layout)",
+                f"{src.path}: adapter tensor(s) without the {self.name} key prefix {self.prefix!r}: "
+                f"{quote_list(stray)}; consumers ignore such keys silently; fix the prefix (or pass --from with the "
+                "right layout)",
                 layout=self.name, path=str(src.path))
         if extra and "extra" not in self.features:
             raise LayoutError(
@@ -335,3 +336,5 @@ class Layout(LayoutSpec):
         save_tensors(tensors, out / self.weight_files[0], pickle=self.pickle)
         self.write_config(adapter, out, replace(opts, base_config=model_cfg))
         return adapter
+
+

@@ -49,7 +49,8 @@ class MlxLayout(Layout):
     weight_files = ("adapters.safetensors",)
     config_file = "adapter_config.json"
     scheme = "hf"
-    leaves: ClassVar[dict[Role, str]] = {"A": "lora_a", "B": "lora_b", "magnitude": "m", "emb_A": "lora_a", "emb_B": "lora_b"}
+    leaves: ClassVar[dict[Role, str]] = {"A": "lora_a", "B": "lora_b", "magnitude": "m",
+                                         "emb_A": "lora_a", "emb_B": "lora_b"}
     transposed = True
     features = frozenset({"dora", "embedding"})
     one_rank = True
@@ -113,7 +114,8 @@ class MlxLayout(Layout):
         for m in adapter.modules.values():
             m.scale = scale
         if fine_tune_type == "lora" and adapter.uses_dora:
-            notes.append("DoRA magnitudes (m) present but fine_tune_type is lora: mlx-lm refuses the file; kept as DoRA")
+            notes.append("DoRA magnitudes (m) present but fine_tune_type is lora: mlx-lm refuses the file; "
+                         "kept as DoRA")
         if fine_tune_type == "dora" and not adapter.uses_dora:
             notes.append("fine_tune_type dora but no magnitudes (m) in the file: mlx-lm initialises them from the "
                          "base weights (a DoRA no-op only while lora_b is zero); read as plain LoRA")
@@ -183,7 +185,7 @@ def placement(blocks: set[int], total: int | None) -> tuple[int, str | None]:
 
 def blocks(modules: dict[str, Any]) -> set[int]:
     """The block indices the modules adapt."""
-    return {b.index for n in modules if (b := parse_layer(n))}
+    return {b.number for n in modules if (b := parse_layer(n))}
 
 
 def partial_dora(adapter: Adapter) -> list[str]:

@@ -25,8 +25,9 @@ class NativeLayout(Layout):
     order = 10
     summary = "lora-ckpt's own lora_adapter.safetensors (LoRALinear keys, scales in the header)"
     weight_files = ("lora_adapter.safetensors",)
-    leaves: ClassVar[dict[Role, str]] = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude", "bias": "lora_B.bias",
-              "emb_A": "lora_embedding_A.weight", "emb_B": "lora_embedding_B.weight"}
+    leaves: ClassVar[dict[Role, str]] = {
+        "A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude", "bias": "lora_B.bias",
+        "emb_A": "lora_embedding_A.weight", "emb_B": "lora_embedding_B.weight"}
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
     keeps_peft_config = True
 
@@ -76,6 +77,7 @@ class NativeLayout(Layout):
                 "task_type": adapter.meta.task_type, "source_layout": adapter.meta.source_layout,
                 "source_config": adapter.meta.config}
         out.mkdir(parents=True, exist_ok=True)
-        save_tensors(self.tensors_for(adapter, opts.base_config or adapter.meta.model_config), out / self.weight_files[0],
+        tensors = self.tensors_for(adapter, opts.base_config or adapter.meta.model_config)
+        save_tensors(tensors, out / self.weight_files[0],
                      metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
         return adapter

@@ -21,7 +21,7 @@ from .spec import Detection, Role
 
 logger = logging.getLogger(__name__)
 
-PEFT_LEAVES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
+PEFT_LEAVES: dict[Role, str] = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
                "bias": "lora_B.bias", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
 
 
@@ -68,7 +68,8 @@ class PeftLayout(Layout):
 
     def detect(self, src: Source) -> Detection | None:
         cfg = src.config
-        if cfg is not None and "peft_type" in cfg and src.weights.name in self.weight_files:
+        if (cfg is not None and src.config_path is not None and "peft_type" in cfg
+                and src.weights.name in self.weight_files):
             return Detection(2, f"{src.config_path.name} with peft_type {cfg['peft_type']!r} beside {src.weights.name}")
         keys = src.keys()
         if keys and all(k.startswith(self.prefix) for k in keys) and any(self.split(k) for k in keys):
@@ -78,8 +79,8 @@ class PeftLayout(Layout):
     def unsupported(self, src: Source) -> str | None:
         cfg = src.config or {}
         if cfg.get("peft_type", "LORA") != "LORA":
-            return (f"peft_type {cfg['peft_type']!r} is not LoRA; lora-ckpt converts LoRA/DoRA adapters only"
-                    + (" (AdaLoRA's SVD form lora_E has no exact LoRA layout)" if cfg["peft_type"] == "ADALORA" else ""))
+            why = " (AdaLoRA's SVD form lora_E has no exact LoRA layout)" if cfg["peft_type"] == "ADALORA" else ""
+            return f"peft_type {cfg['peft_type']!r} is not LoRA; lora-ckpt converts LoRA/DoRA adapters only{why}"
         if any(k.endswith(".lora_E") for k in src.index):
             return "has AdaLoRA lora_E tensors; lora-ckpt converts LoRA/DoRA adapters only"
         if cfg.get("enable_lora"):
@@ -373,5 +374,5 @@ def _blocks_by_leaf(names: list[str]) -> dict[str, set[int]] | None:
         block = parse_layer(n)
         if block is None:
             return None
-        by_leaf.setdefault(block.rest, set()).add(block.index)
+        by_leaf.setdefault(block.rest, set()).add(block.number)
     return by_leaf

@@ -34,7 +34,7 @@ def fill_every_layer(adapter: Adapter, cfg: ModelConfig | None, *, layout: str) 
     for name in adapter.modules:
         block = parse_layer(name)
         if block:
-            by_type.setdefault((block.prefix, block.rest), set()).add(block.index)
+            by_type.setdefault((block.prefix, block.rest), set()).add(block.number)
     if not by_type:
         return adapter
     for pre in {p for p, _ in by_type}:
@@ -49,8 +49,9 @@ def fill_every_layer(adapter: Adapter, cfg: ModelConfig | None, *, layout: str) 
         return adapter
     if adapter.uses_dora:
         raise ConversionError(
-            f"{layout} adapts every layer (and all MLP projections) but this DoRA adapter lacks {quote_list(list(missing), 3)}; "
-            "zeros are not a no-op for DoRA; convert to a layout that keeps placement (peft, native)")
+            f"{layout} adapts every layer (and all MLP projections) but this DoRA adapter lacks "
+            f"{quote_list(list(missing), 3)}; zeros are not a no-op for DoRA; convert to a layout that keeps "
+            "placement (peft, native)")
     ref = next(iter(adapter.modules.values()))
     fill: dict[str, ModuleLoRA] = {}
     for name, rest in missing.items():

@@ -3,7 +3,7 @@
 
 Neither format has a config, so lora-ckpt writes a sidecar ``lora_config.json`` (loralib: r and
 lora_alpha, so a round trip needs no ``--alpha``; both: the PEFT config the adapter came with,
-so a PEFT -> loralib -> PEFT round trip gives back what its author wrote). loralib files may hold
+so a PEFT -> loralib -> PEFT round trip gives back what its author wrote, else the base model id). loralib files may hold
 full tensors beside the factors (the loralib recipe trains a classifier head fully and saves it
 with ``lora_A``/``lora_B``): they are read as ``modules_to_save``.
 """
@@ -24,6 +24,7 @@ from .spec import Detection, Role, ScalePolicy
 
 SIDECAR = "lora_config.json"  # written by lora-ckpt; no loralib or LLMBook tool reads it
 PEFT_KEY = "peft_config"  # the sidecar's copy of the source's PEFT adapter_config.json
+BASE_KEY = "base_model_name_or_path"  # the base model id, when there is no PEFT config to hold it
 
 
 def _read_sidecar(src: Source, adapter: Adapter) -> dict[str, Any]:
@@ -32,6 +33,8 @@ def _read_sidecar(src: Source, adapter: Adapter) -> dict[str, Any]:
     if side is None:
         return {}
     data = read_json(side, what=SIDECAR)
+    base = data.get(BASE_KEY)
+    adapter.meta.base_model = base if isinstance(base, str) else None
     peft = data.get(PEFT_KEY)
     if peft is not None:
         if not isinstance(peft, dict):
@@ -46,7 +49,8 @@ def _read_sidecar(src: Source, adapter: Adapter) -> dict[str, Any]:
 def _write_sidecar(adapter: Adapter, out: Path, fields: dict[str, Any], opts: WriteOptions, layout: str) -> None:
     """The sidecar: ``fields``, and the source's PEFT config as it describes the written tensors."""
     peft = peft_config_for(adapter, opts, layout=layout) if source_peft_config(adapter) else None
-    data = {**fields, **({PEFT_KEY: peft} if peft else {})}
+    base = {BASE_KEY: adapter.meta.base_model} if adapter.meta.base_model and not peft else {}
+    data = {**fields, **base, **({PEFT_KEY: peft} if peft else {})}
     if data:
         (out / SIDECAR).write_text(json.dumps(data, indent=2) + "\n")
 
