@@ -2,9 +2,9 @@
 ``trainers`` gem, same keys) and the LLMBook teaching layout (formats.md §6–8).
 
 Neither format has a config, so lora-ckpt writes a sidecar ``lora_config.json`` (loralib: r and
-lora_alpha, so a round trip needs no ``--alpha``; both: the PEFT config the adapter came with,
-so a PEFT -> loralib -> PEFT round trip gives back what its author wrote, else the base model id). loralib files may hold
-full tensors beside the factors (the loralib recipe trains a classifier head fully and saves it
+lora_alpha, so a round trip needs no ``--alpha``; both: the PEFT config the adapter came with, so
+a PEFT -> loralib -> PEFT round trip gives back what its author wrote, else the base model id).
+loralib files may hold full tensors beside the factors (the loralib recipe trains a classifier head fully and saves it
 with ``lora_A``/``lora_B``): they are read as ``modules_to_save``.
 """
 
