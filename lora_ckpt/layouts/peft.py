@@ -152,16 +152,18 @@ def source_peft_config(adapter: Adapter) -> dict[str, Any] | None:
     return cfg if isinstance(cfg, dict) and cfg.get("peft_type") else None
 
 
-def peft_config_for(adapter: Adapter, opts: WriteOptions, *, layout: str) -> dict[str, Any]:
+def peft_config_for(adapter: Adapter, opts: WriteOptions, *, layout: str, plain_scale: bool = False,
+                    ) -> dict[str, Any]:
     """The adapter_config.json to write: the source's own config, as written, where it still
     describes ``adapter``; only the fields that no longer fit are re-derived (:func:`new_config`),
-    each group with a note in ``adapter.meta.notes``; fields the source lacks are filled in."""
+    each group with a note in ``adapter.meta.notes``; fields the source lacks are filled in.
+    ``plain_scale``: the layout reads ``lora_alpha / r`` itself (torchtune), so no rsLoRA."""
     fresh = new_config(adapter, opts)
     orig = source_peft_config(adapter)
     if orig is None:
         return fresh
     cfg, redone = dict(orig), []
-    if not scales_fit(orig, adapter):
+    if not scales_fit(orig, adapter) or (plain_scale and orig.get("use_rslora")):
         for k in TENSOR_FIELDS:
             if k in fresh or k in cfg:
                 cfg[k] = fresh.get(k, False)

@@ -74,7 +74,8 @@ class TorchtuneLayout(Layout):
         adapter = replace(adapter, modules=real or adapter.modules)
         peft = PeftLayout()
         save_tensors(peft.tensors_for(adapter, opts.base_config), out / peft.weight_files[0])
-        write_peft_config(peft_config_for(adapter, opts, layout=self.name), out / self.config_file)
+        # torchtune has no rsLoRA: lora_alpha / r is what its recipe (and our reader) takes from the file
+        write_peft_config(peft_config_for(adapter, opts, layout=self.name, plain_scale=True), out / self.config_file)
         cfg = opts.base_config
         if cfg is not None and "model_type" in cfg.raw:  # as torchtune's checkpointer copies it
             (out / "config.json").write_text(json.dumps(cfg.raw, indent=2, sort_keys=True) + "\n")
