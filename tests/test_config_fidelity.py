@@ -129,3 +129,23 @@ def test_re_derived_fields_are_named_in_the_notes(tmp_path):
     orig = json.loads((P.FIX / "peft" / "llama-rslora-patterns" / "adapter_config.json").read_text())
     assert {k: v for k, v in kept.items() if k not in TENSOR_FIELDS} == \
         {k: v for k, v in orig.items() if k not in TENSOR_FIELDS}
+
+
+def test_what_allow_lossy_dropped_is_re_derived_with_a_note(tmp_path):
+    """PEFT (embedding LoRA + PEFT's saved embedding) -> torchtune --allow-lossy -> PEFT: target_modules
+    no longer names embed_tokens (PEFT would wrap it with no weights); both hops say what was re-derived."""
+    src, cfg = P.FIX / "peft" / "llama-embedding", P.hf_config_path("llama")
+    r1 = convert(src, tmp_path / "tt", to="torchtune", base_config=cfg, allow_lossy=True)
+    assert any("re-derived: target_modules" in n for n in r1.notes)
+    convert(tmp_path / "tt", tmp_path / "back", to="peft", base_config=cfg)
+    want, got = semantics(src), semantics(tmp_path / "back")
+    assert "embed_tokens" in want["target_modules"] and "embed_tokens" not in got["target_modules"]
+    assert sorted(want["target_modules"]) == sorted([*got["target_modules"], "embed_tokens"])
+    assert got["task_type"] == want["task_type"] and got["base_model_name_or_path"] == want["base_model_name_or_path"]
+
+
+def test_modules_to_save_dropped_with_allow_lossy_is_not_declared(tmp_path):
+    src, cfg = P.FIX / "peft" / "llama-modules-to-save", P.hf_config_path("llama")
+    r1 = convert(src, tmp_path / "tt", to="torchtune", base_config=cfg, allow_lossy=True)
+    assert any("re-derived: modules_to_save" in n for n in r1.notes)
+    assert json.loads((tmp_path / "tt" / "adapter_config.json").read_text())["modules_to_save"] is None
