@@ -6,6 +6,12 @@ optional LoRA ``bias`` (out,). q/k rows (of B, magnitude, bias) are in HF rotate
 ``ΔW = scale · B @ A``; for an embedding ``ΔW`` is (dim, vocab) and the weight (vocab, dim)
 receives its transpose; for ``fan_in_fan_out`` (GPT-2 ``Conv1D``) the stored weight is (in, out)
 and receives the transpose too.
+
+LoRA on 3-D MoE expert parameters (PEFT ``target_parameters`` on transformers-5 fused experts)
+lives in ``Adapter.experts``: one :class:`~lora_ckpt.experts.ExpertLoRA` per parameter (keyed by
+its full name, ``model.layers.0.mlp.experts.gate_up_proj``) with ``A (E, r, in)``,
+``B (E, out, r)``, ``scale``: ``ΔW_e = scale · B[e] @ A[e]`` (the exact PEFT slicing is
+documented in :mod:`lora_ckpt.experts`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from .families import ModelConfig
 
 if TYPE_CHECKING:
     import torch
+
+    from .experts import ExpertLoRA
 
 __all__ = ["Adapter", "AdapterMeta", "ModuleKind", "ModuleLoRA"]
 
@@ -105,15 +113,19 @@ class Adapter:
     modules: dict[str, ModuleLoRA]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # full tensors: modules_to_save, embeddings
     meta: AdapterMeta = field(default_factory=AdapterMeta)
+    experts: dict[str, ExpertLoRA] = field(default_factory=dict)  # 3-D expert parameter name -> its LoRA
 
     def check(self) -> None:
         for name, m in self.modules.items():
             m.check(name)
+        for name, x in self.experts.items():
+            x.check(name)
 
     @property
     def dtype(self) -> torch.dtype | None:
         """The most common dtype of the adapter factors."""
         counts = Counter(t.dtype for m in self.modules.values() for t in (m.A, m.B))
+        counts.update(t.dtype for x in self.experts.values() for t in (x.A, x.B))
         return counts.most_common(1)[0][0] if counts else None
 
     @property
@@ -132,6 +144,7 @@ class Adapter:
 
     def num_parameters(self) -> int:
         n = sum(t.numel() for m in self.modules.values() for t in (m.A, m.B, m.magnitude, m.bias) if t is not None)
+        n += sum(t.numel() for x in self.experts.values() for t in (x.A, x.B))
         return n + sum(t.numel() for t in self.extra.values())
 
     def cast(self, dtype: torch.dtype | None) -> Adapter:
@@ -144,7 +157,8 @@ class Adapter:
 
         mods = {n: replace(m, A=m.A.to(dtype), B=m.B.to(dtype), magnitude=c(m.magnitude), bias=c(m.bias))
                 for n, m in self.modules.items()}
-        return replace(self, modules=mods, extra={k: v.to(dtype) for k, v in self.extra.items()})
+        experts = {n: replace(x, A=x.A.to(dtype), B=x.B.to(dtype)) for n, x in self.experts.items()}
+        return replace(self, modules=mods, extra={k: v.to(dtype) for k, v in self.extra.items()}, experts=experts)
 
 
 def alpha_for(scale: float, r: int, *, rslora: bool = False) -> float | int:

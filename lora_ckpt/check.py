@@ -259,6 +259,48 @@ def _vllm(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Co
     if not cfg.get("base_model_name_or_path"):
         add(Finding("warning", "no base_model_name_or_path: vLLM does not check the adapter belongs to the served "
                     "model"))
+    _vllm_experts(adapter, add, source)
+
+
+#: model types vLLM's model classes mark ``is_3d_moe_weight = True`` (they load PEFT's fused 3-D expert LoRA);
+#: every other MoE model (Qwen2/3-MoE, Mixtral, DeepSeek ...) takes per-expert 2-D expert LoRA only
+VLLM_3D_MOE = ("gpt_oss", "qwen3_5_moe", "qwen3_vl_moe", "glm4_moe_lite", "interns1_pro")
+
+
+def _vllm_experts(adapter: Adapter, add: Any, source: str) -> None:
+    """vLLM's MoE LoRA rules (``FusedMoEWithLoRA``, ``PackedLoRALayerWeights.pack_moe``, ``is_3d_moe_weight``,
+    ``--enable-mixed-moe-lora-format`` / ``is_3d_lora_weight``): per-expert 2-D keys with all three
+    projections for every expert, or fused 3-D keys for models marked 3-D; no expert parallelism."""
+    cfg = adapter.meta.model_config
+    model_type = cfg.raw.get("model_type") if cfg else None
+    experts = {n: m for n, m in adapter.modules.items() if re.search(r"\.experts\.\d+\.", n)}
+    if adapter.experts and model_type not in VLLM_3D_MOE:
+        add(Finding("error", f"fused MoE expert LoRA (PEFT target_parameters: {len(adapter.experts)} parameter(s)): "
+                    f"vLLM loads 3-D expert LoRA only for models it marks is_3d_moe_weight ({', '.join(VLLM_3D_MOE)})"
+                    f"{'' if model_type is None else f', not {model_type}'}, or with --enable-mixed-moe-lora-format "
+                    "and is_3d_lora_weight: true declared for this adapter (trusted, unchecked: a wrong declaration "
+                    "computes garbage); other MoE models take per-expert keys experts.{e}.gate_proj/up_proj/down_proj",
+                    f"lora-ckpt convert {source} --to peft --experts per-expert -o OUT (exact, verified per expert)"))
+    if experts and model_type in VLLM_3D_MOE:
+        add(Finding("error", f"per-expert expert LoRA ({len(experts)} module(s)) on {model_type}, which vLLM loads as "
+                    "3-D fused expert LoRA (is_3d_moe_weight)",
+                    f"lora-ckpt convert {source} --to peft --experts fused -o OUT, or serve with "
+                    "--enable-mixed-moe-lora-format and is_3d_lora_weight: false"))
+    elif experts:
+        by_layer: dict[str, dict[str, set[str]]] = {}
+        for n in experts:
+            head, e, proj = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)", n).groups()  # type: ignore[union-attr]
+            by_layer.setdefault(head, {}).setdefault(proj, set()).add(e)
+        projs = {p for d in by_layer.values() for p in d}
+        gaps = [h for h, d in by_layer.items() if len(d) < 3 or len({frozenset(v) for v in d.values()}) > 1]
+        if gaps or len(projs) < 3:
+            add(Finding("error", f"per-expert LoRA without all three projections of every expert in "
+                        f"{quote_list(sorted(gaps) or sorted(by_layer), 2)}: vLLM's pack_moe packs gate/up/down of "
+                        "each expert together (all present, one rank)",
+                        f"train LoRA on all expert projections, or {source}: merge it into the base instead"))
+    if adapter.experts or experts:
+        add(Finding("warning", "MoE expert LoRA: vLLM serves it without expert parallelism only (FusedMoE LoRA has "
+                    "no EP support); check --max-lora-rank covers the expert rank"))
 
 
 def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:

@@ -80,7 +80,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     res = convert(_source(args, args.src), args.output, to=args.to, from_=args.from_,
                   base_config=_base_config(args), alpha=args.alpha, dtype=_dtype(args.dtype), force=args.force,
-                  allow_lossy=args.allow_lossy, verify_output=not args.no_verify)
+                  allow_lossy=args.allow_lossy, verify_output=not args.no_verify, experts=args.experts)
     print(f"converted {res.modules} module(s): {res.source_layout} -> {res.target_layout} at {res.output}")
     for note in res.notes:
         print(f"note: {note}")
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--allow-lossy", action="store_true", help="drop what the target cannot hold (named in a warning)")
     p.add_argument("--no-verify", action="store_true", help="skip reading the output back")
+    p.add_argument("--experts", choices=("keep", "fused", "per-expert"), default="keep",
+                   help="MoE expert LoRA in peft/native: as read (default), fused (target_parameters on "
+                        "transformers-5 3-D experts) or per-expert (experts.{e}.gate_proj ... modules)")
     p.set_defaults(handler=_cmd_convert)
 
     p = sub.add_parser("verify", help="do two adapters compute the same update?",

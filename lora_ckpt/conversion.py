@@ -13,15 +13,16 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from .adapter import Adapter, ModuleLoRA
 from .dtypes import DtypeLike, parse_dtype
 from .errors import VerificationError, quote_list
+from .experts import per_expert_view
 from .families import ModelConfig
 from .hub.client import fetch_model_config
 from .io import PathLike, release_file_pages
@@ -32,6 +33,7 @@ __all__ = ["ConvertResult", "VerifyReport", "compare_adapters", "convert", "veri
 logger = logging.getLogger(__name__)
 
 EXPLICIT_LIMIT = 1 << 22  # out*in up to 4M elements: compare ΔW explicitly
+RELEASE_BYTES = 1 << 26  # verification releases mapped pages every 64 MB of compared factors
 
 
 @dataclass
@@ -120,7 +122,9 @@ def _tolerance(a: Adapter, b: Adapter) -> float:
 def compare_adapters(a: Adapter, b: Adapter, *, tolerance: float | None = None,
                      after_module: Callable[[ModuleLoRA, ModuleLoRA], None] | None = None) -> VerifyReport:
     """Compare the effective updates of two canonical adapters, module by module
-    (``after_module(a_module, b_module)`` runs after each: ``convert`` releases pages there)."""
+    (``after_module(a_module, b_module)`` runs after each: ``convert`` releases pages there). LoRA on
+    fused MoE experts is compared expert by expert (:func:`lora_ckpt.experts.per_expert_view`)."""
+    a, b = per_expert_view(a), per_expert_view(b)
     rep = VerifyReport(tolerance=tolerance if tolerance is not None else _tolerance(a, b))
     # a module whose update is exactly zero computes the same as no module (placement fillers)
     rep.only_a = sorted(n for n in set(a.modules) - set(b.modules) if not _noop(a.modules[n]))
@@ -195,7 +199,7 @@ class ConvertResult:
 def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = None,
             base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
             dtype: DtypeLike | None = None, force: bool = False, allow_lossy: bool = False,
-            verify_output: bool = True) -> ConvertResult:
+            verify_output: bool = True, experts: Literal["keep", "fused", "per-expert"] = "keep") -> ConvertResult:
     """Convert an adapter between layouts, exactly, and verify the output by reading it back.
 
     Args:
@@ -209,6 +213,8 @@ def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = Non
         force: replace an existing ``out``.
         allow_lossy: drop what the target cannot hold instead of failing.
         verify_output: re-read ``out`` and compare it with the source.
+        experts: MoE expert LoRA in PEFT/native as read, ``"fused"`` (``target_parameters``) or
+            ``"per-expert"`` (``experts.{e}.gate_proj`` ... modules); verified expert by expert.
 
     Raises:
         VerificationError: the written adapter does not compute the source's update.
@@ -217,33 +223,46 @@ def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = Non
         >>> convert("peft_dir", "tt_dir", to="torchtune", base_config="llama/config.json")
     """
     with one_thread():
-        return _convert(source, out, to=to, from_=from_, base_config=base_config, alpha=alpha, dtype=parse_dtype(dtype),
-                        force=force, allow_lossy=allow_lossy, verify_output=verify_output)
+        return _convert(source, out, to=to, from_=from_, base_config=base_config, alpha=alpha,
+                        dtype=parse_dtype(dtype), force=force, allow_lossy=allow_lossy, verify_output=verify_output,
+                        experts=experts)
 
 
 def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, base_config: PathLike | ModelConfig | None,
              alpha: float | None, dtype: torch.dtype | None, force: bool, allow_lossy: bool,
-             verify_output: bool) -> ConvertResult:
+             verify_output: bool, experts: Literal["keep", "fused", "per-expert"] = "keep") -> ConvertResult:
     det = detect_layout(source, layout=from_)
     adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha,
                            resolve_base_config=fetch_model_config)
     reports: list[VerifyReport] = []
 
-    def release(*mods: ModuleLoRA) -> None:  # memory-mapped pages leave RSS as soon as a module is done
-        release_file_pages(t for m in mods for t in (m.A, m.B, m.magnitude, m.bias))
+    pending: list[torch.Tensor] = []
+
+    def release(*mods: Any, flush: bool = False) -> None:
+        """Memory-mapped pages leave RSS once modules are done, in batches of RELEASE_BYTES (one
+        /proc/self/maps read per batch: per-expert views of MoE adapters are thousands of small modules)."""
+        pending.extend(t for m in mods for t in (m.A, m.B, getattr(m, "magnitude", None), getattr(m, "bias", None))
+                       if t is not None)
+        if flush or sum(t.numel() * t.element_size() for t in pending) >= RELEASE_BYTES:
+            release_file_pages(pending)
+            pending.clear()
 
     def check(tmp: Path, written: Adapter) -> None:
-        release(*adapter.modules.values())  # the write touched every source page
+        release(*adapter.modules.values(), *adapter.experts.values(), flush=True)  # the write touched every page
         # no NaN/Inf scan of the read-back: the bitwise comparison with the scanned source covers it
         back = load_adapter(tmp, layout=to, base_config=base_config or written.meta.model_config, scan_values=False,
                             resolve_base_config=fetch_model_config)
         report = compare_adapters(written, back, after_module=release)
-        expected = get_layout(to).drop_unsupported(adapter, allow_lossy=True)  # what was meant to be written
+        lay = get_layout(to)
+        expected = lay.drop_unsupported(adapter, allow_lossy=True)  # what was meant to be written
+        expected = per_expert_view(replace(expected, experts={}) if lay.expert_form == "none" else expected)
+        written = per_expert_view(written)
         kept = Adapter({n: m for n, m in written.modules.items() if n in expected.modules}, written.extra)
         fold = compare_adapters(Adapter({n: expected.modules[n] for n in kept.modules}, written.extra), kept,
                                 after_module=release)
         fold.problems += [f"{n}: written but not in the source, and not zero" for n, m in written.modules.items()
                           if n not in expected.modules and not _noop(m)]
+        release(flush=True)
         report.worst = max(report.worst, fold.worst)
         report.problems += fold.problems
         reports.append(report)
@@ -256,6 +275,6 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
                                   "it (task_type, target_modules and modules_to_save as written, revision and init "
                                   "options are not kept)")
     written = save_adapter(adapter, out, layout=to, base_config=base_config, force=force, allow_lossy=allow_lossy,
-                           dtype=dtype, inputs=(source,), check=check if verify_output else None)
+                           dtype=dtype, inputs=(source,), check=check if verify_output else None, experts=experts)
     return ConvertResult(det.layout.name, to, Path(out), len(written.modules), reports[0] if reports else None,
                          adapter.meta.notes)

@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from .adapter import Adapter, ModuleLoRA
 from .conversion import one_thread
 from .dtypes import DtypeLike, parse_dtype
-from .errors import CheckpointFormatError, ConversionError, MissingConfigError, UsageError, quote_list
+from .errors import CheckpointFormatError, ConversionError, LoraCkptError, MissingConfigError, UsageError, quote_list
+from .experts import ExpertLoRA, join_experts, split_experts
 from .families import ModelConfig, load_model_config, model_config_from_dict
 from .hub.client import fetch_model_config
 from .io import DTYPES, WEIGHT_SUFFIXES, PathLike, atomic_output, checkpoint_files, read_json, read_safetensors_header
@@ -195,8 +196,12 @@ class _Planner:
                 outs[target].tensor, outs[target].src = t, None
                 self.replaced += 1
         conv1d = self.raw.get("model_type") in CONV1D_MODEL_TYPES
-        for name, m in self.adapter.modules.items():
+        modules = dict(self.adapter.modules)
+        experts = self._experts(modules)
+        for name, m in modules.items():
             self._module(outs, name, m, conv1d)
+        for name, x in experts.items():
+            self._expert(outs, name, x)
         if self.problems:
             found = "; ".join(f"{what}: {quote_list(where, 3)}" for what, where in self.problems.items())
             raise ConversionError(f"cannot merge this adapter into this base: {found}; expected an adapter "
@@ -262,6 +267,37 @@ class _Planner:
                               "cannot hold it (PEFT refuses this merge too)", f"{name}.bias")
             else:
                 outs[bias_key].add = m.bias.float() * m.scale
+
+    def _experts(self, modules: dict[str, ModuleLoRA]) -> dict[str, ExpertLoRA]:
+        """The fused expert LoRA to merge into 3-D base tensors; the rest goes into ``modules`` as
+        per-expert modules (HF checkpoints store experts one per expert on disk, formats.md §16).
+        Per-expert adapter modules whose base is fused 3-D are joined (exactly)."""
+        family = self.cfg.family if self.cfg else None
+        fused = {k: x for k, x in self.adapter.experts.items() if k in self.sources}
+        on_disk = {k: x for k, x in self.adapter.experts.items() if k not in self.sources}
+        if on_disk:
+            try:
+                modules.update(split_experts(on_disk, family, layout="merge"))
+            except LoraCkptError as e:
+                self._problem(f"expert LoRA has no base tensor ({e})", quote_list(on_disk, 2))
+        joined, used = join_experts({n: m for n, m in modules.items() if f"{n}.weight" not in self.sources},
+                                    family, n_experts=self.cfg.n_experts if self.cfg else None)
+        if not joined or not all(k in self.sources for k in joined):  # a per-expert base: merged module by module
+            return fused
+        for n in used:
+            del modules[n]
+        return {**fused, **joined}
+
+    def _expert(self, outs: dict[str, OutTensor], key: str, x: ExpertLoRA) -> None:
+        o = outs[key]
+        if o.dtype not in FLOAT_CODES:
+            self._problem("targets are not float tensors (a quantised base? merge needs a float one)",
+                          f"{key} ({o.dtype})")
+        elif o.shape != x.param_shape:
+            self._problem("base weights differ in shape from the adapter's update", f"{key} {o.shape} vs "
+                          f"{x.param_shape}")
+        else:
+            o.experts = x
 
     def _rename(self, plan: list[OutTensor]) -> None:
         if self.cfg is None or self.cfg.family is None:
@@ -373,7 +409,8 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
         _companions(base_path, tmp, raw, dtype=dtype, untied=planner.untied)
         if to == "meta" and cfg is not None:  # (a rename without a config was refused by the planner)
             (tmp / "params.json").write_text(json.dumps(params_json(cfg), indent=4))
-    res = MergeResult(Path(out), to, sum(o.lora is not None for o in plan), planner.replaced, len(plan), total,
+    merged = sum(o.lora is not None or o.experts is not None for o in plan)
+    res = MergeResult(Path(out), to, merged, planner.replaced, len(plan), total,
                       names, time.perf_counter() - t0, list(ad.meta.notes))
     logger.info("%s", res.summary())
     return res

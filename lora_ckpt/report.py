@@ -169,6 +169,7 @@ class AdapterReport:
     lora_bias: bool
     extra: list[str]
     warnings: list[str]
+    experts: list[dict[str, Any]] = field(default_factory=list)  # fused MoE expert LoRA, one per 3-D parameter
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -220,11 +221,21 @@ def inspect_source(source: PathLike, *, layout: str | None = None, base_config: 
                      "bias": m.bias is not None, "dtype": str(m.A.dtype).removeprefix("torch.")})
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for m in adapter.modules.values()
                      for t in (m.A, m.B, m.magnitude, m.bias) if t is not None)
+    dtypes.update(str(t.dtype).removeprefix("torch.") for x in adapter.experts.values() for t in (x.A, x.B))
+    experts = [{"parameter": name, "experts": x.num_experts, "rank": x.rank, "scale": x.scale,
+                "in": x.in_features, "out": x.out_features, "shape": list(x.param_shape),
+                "projections": _PROJECTIONS.get(name.rsplit(".", 1)[-1], [name.rsplit(".", 1)[-1]]),
+                "dtype": str(x.A.dtype).removeprefix("torch.")} for name, x in sorted(adapter.experts.items())]
     return AdapterReport(
         source=str(source), layout=det.layout.name, reason=det.reason, family=adapter.meta.family,
         base_model=adapter.meta.base_model, modules=mods, ranks=dict(adapter.ranks()),
         scales=dict(adapter.scales()), dtypes=dict(dtypes), parameters=adapter.num_parameters(),
-        dora=adapter.uses_dora, lora_bias=adapter.uses_bias, extra=sorted(adapter.extra), warnings=warnings)
+        dora=adapter.uses_dora, lora_bias=adapter.uses_bias, extra=sorted(adapter.extra), warnings=warnings,
+        experts=experts)
+
+
+#: what each fused expert parameter computes (transformers 5: gate_up_proj rows [0, I) gate, [I, 2I) up)
+_PROJECTIONS = {"gate_up_proj": ["gate_proj", "up_proj"], "down_proj": ["down_proj"]}
 
 
 def _prefix_warnings(adapter: Adapter) -> list[str]:
@@ -272,8 +283,17 @@ def _format_adapter(rep: AdapterReport, limit: int) -> str:
          ",".join(x for x in ("dora" if m["dora"] else "", "bias" if m["bias"] else "",
                               "embedding" if m["kind"] == "embedding" else "") if x))
         for m in rep.modules[:limit]]
-    lines += ["", *_table(rows)]
+    if rep.modules:
+        lines += ["", *_table(rows)]
     if len(rep.modules) > limit:
         lines.append(f"... and {len(rep.modules) - limit} more module(s) (--json lists all)")
+    if rep.experts:
+        lines += ["", f"MoE experts: {len(rep.experts)} fused parameter(s) (PEFT target_parameters), per expert "
+                  "A_e = lora_A[e*r:(e+1)*r], B_e = lora_B[:, e::E]"]
+        lines += _table([("parameter", "E", "rank/expert", "scale", "in -> out", "projections"), *[
+            (x["parameter"], str(x["experts"]), str(x["rank"]), f"{x['scale']:g}", f"{x['in']} -> {x['out']}",
+             "+".join(x["projections"])) for x in rep.experts[:limit]]])
+        if len(rep.experts) > limit:
+            lines.append(f"... and {len(rep.experts) - limit} more expert parameter(s) (--json lists all)")
     lines += [f"warning: {w}" for w in rep.warnings]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import torch
 
 from .adapter import ModuleLoRA
 from .errors import CheckpointFormatError, ConversionError
+from .experts import ExpertLoRA
 from .io import DTYPES, TensorInfo, read_safetensors_header
 from .rope import rotate_half_to_interleaved
 
@@ -62,6 +63,7 @@ class OutTensor:
     transposed: bool = False  # the stored weight is (in, out) or (vocab, dim): it receives ΔWᵀ
     add: torch.Tensor | None = None  # float32, added as is (scale·lora_B.bias)
     permute: tuple[int, int] | None = None  # (n_heads, head_dim): rotate-half -> interleaved rows
+    experts: ExpertLoRA | None = None  # a fused 3-D expert parameter (E, out, in): row e receives ΔW_e
 
     @property
     def nbytes(self) -> int:
@@ -70,7 +72,7 @@ class OutTensor:
     @property
     def verbatim(self) -> bool:
         return (self.src is not None and self.lora is None and self.add is None and self.permute is None
-                and self.dtype == self.src.dtype)
+                and self.experts is None and self.dtype == self.src.dtype)
 
 
 def plan_shards(plan: list[OutTensor], limit: int | None) -> list[list[OutTensor]]:
@@ -280,9 +282,17 @@ class Streamer:
         """Rows i..j of the output: float32 if anything is added, else the source rows as they are."""
         src = self._rows(o, i, j, cols)
         m = o.lora
-        if m is None and o.add is None:
+        if m is None and o.add is None and o.experts is None:
             return src
         w = self._buf("work", src.numel(), torch.float32).view(src.shape).copy_(src)
+        if o.experts is not None:  # rows are experts: expert e's (out, in) slice += scale · B_e @ A_e (or its ᵀ)
+            x = o.experts
+            for e in range(i, j):
+                A, B = x.A[e].float(), x.B[e].float()
+                if x.transposed:
+                    w[e - i].view(x.in_features, x.out_features).addmm_(A.T, B.T, alpha=x.scale)
+                else:
+                    w[e - i].view(x.out_features, x.in_features).addmm_(B, A, alpha=x.scale)
         if m is not None and factors is not None:
             A, B = factors
             a, b = (A.T[i:j], B.T) if o.transposed else (B[i:j], A)

@@ -14,7 +14,7 @@ import trainer_adapters as T
 from lora_ckpt.conversion import compare_adapters, convert
 from lora_ckpt.errors import LossyConversionError
 from lora_ckpt.layouts import LAYOUTS, load_adapter
-from lora_ckpt.layouts.peft import TENSOR_FIELDS
+from lora_ckpt.layouts.peft_config import TENSOR_FIELDS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -33,6 +33,10 @@ class ModelConfig:
         """(out, in) of a Llama-style projection from the config, None when not known."""
         raw, leaf = self.raw, hf_module.rsplit(".", 1)[-1]
         inter = raw.get("intermediate_size") or raw.get("hidden_dim")
+        if ".experts." in hf_module and raw.get("moe_intermediate_size"):  # Qwen-MoE experts (Mixtral's: intermediate)
+            inter = raw["moe_intermediate_size"]
+        elif ".shared_expert." in hf_module:
+            inter = raw.get("shared_expert_intermediate_size") or inter
         q, kv, h = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden_size
         shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
         if inter:

@@ -139,6 +139,14 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, pickle: bool =
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    if not pickle:  # safetensors refuses tensors sharing storage (views of one stacked factor): copy the others
+        seen: set[int] = set()
+        tensors = dict(tensors)
+        for k, t in tensors.items():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen and t.numel():
+                tensors[k] = t.clone()
+            seen.add(ptr)
     try:
         if pickle:
             torch.save(tensors, path)

@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from ..adapter import Adapter
 from ..dtypes import DtypeLike, parse_dtype
@@ -100,12 +101,15 @@ def read_detected(det: Detected, *, base_config: PathLike | ModelConfig | None =
 def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: PathLike | ModelConfig | None = None,
                  force: bool = False, allow_lossy: bool = False, dtype: DtypeLike | None = None,
                  inputs: tuple[PathLike, ...] = (),
-                 check: Callable[[Path, Adapter], None] | None = None) -> Adapter:
+                 check: Callable[[Path, Adapter], None] | None = None,
+                 experts: Literal["keep", "fused", "per-expert"] = "keep") -> Adapter:
     """Write ``adapter`` as directory ``out`` in ``layout``, atomically (temp dir, then rename).
 
     ``check(tmp_dir, written)`` runs before the final rename (``convert`` verifies there).
     Returns the adapter as written (ranks padded, scales folded, parts dropped as the layout
-    required), for verification.
+    required), for verification. ``experts`` picks the form of MoE expert LoRA in layouts that
+    hold both (PEFT, native): as it is, ``"fused"`` (``target_parameters`` on transformers-5 3-D
+    experts) or ``"per-expert"`` (``experts.{e}.gate_proj`` ... modules).
 
     Raises:
         OutputExistsError: ``out`` exists and not ``force``.
@@ -114,7 +118,7 @@ def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: P
     lay = get_layout(layout)
     cfg = _model_config(base_config)
     with atomic_output(out, force=force, inputs=inputs) as tmp:
-        opts = WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=parse_dtype(dtype))
+        opts = WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=parse_dtype(dtype), experts=experts)
         written = lay.write(adapter, tmp, opts)
         if check is not None:  # before the rename: a failed check leaves nothing behind
             check(tmp, written)

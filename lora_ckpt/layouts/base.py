@@ -20,12 +20,14 @@ from ..errors import (
     ConversionError,
     IncompleteAdapterError,
     LayoutError,
+    LossyConversionError,
     MissingConfigError,
     UnsupportedAdapterError,
     quote_list,
 )
+from ..experts import ExpertLoRA, describe, join_experts, split_experts
 from ..families import FAMILIES, Family, Fused, ModelConfig, NameMap, model_config_from_dict
-from ..io import nonfinite, read_json, save_tensors
+from ..io import nonfinite, read_json, release_file_pages, save_tensors
 from ..rope import interleaved_to_rotate_half, rotate_half_to_interleaved
 from .lossy import drop_unsupported, lossy_parts
 from .placement import drop_zero_modules, fill_every_layer
@@ -38,6 +40,13 @@ if TYPE_CHECKING:
 __all__ = ["Layout", "ReadOptions", "Source", "WriteOptions", "nonfinite", "save_tensors"]
 
 logger = logging.getLogger(__name__)
+
+
+def release_source_pages(adapter: Adapter) -> None:
+    """Drop the resident pages of the adapter's memory-mapped source tensors once the output
+    tensors are built (copies, where the layout reorders): the write then holds one copy, not two."""
+    release_file_pages([*(t for m in adapter.modules.values() for t in (m.A, m.B)),
+                        *(t for x in adapter.experts.values() for t in (x.A, x.B))])
 
 
 class Layout(LayoutSpec):
@@ -62,6 +71,14 @@ class Layout(LayoutSpec):
     def enabled_parts(self, src: Source, entry: Fused) -> tuple[bool, ...] | None:
         """Which parts a grouped fused module of ``entry`` holds, per the config (None: infer from shapes)."""
         return None
+
+    def read_experts(self, src: Source, opts: ReadOptions) -> tuple[dict[str, ExpertLoRA], set[str]]:
+        """The fused MoE expert LoRA the file holds (``Adapter.experts``) and the tensor keys it used."""
+        return {}, set()
+
+    def expert_tensors(self, experts: dict[str, ExpertLoRA]) -> dict[str, torch.Tensor]:
+        """The tensors of fused expert LoRA under this layout's keys (layouts with ``expert_form`` "stacked")."""
+        raise NotImplementedError
 
     def modules_of(self, src: Source, name: str, parts: dict[Role, Any], family: Family | None,
                    ) -> dict[str, ModuleLoRA]:
@@ -93,7 +110,10 @@ class Layout(LayoutSpec):
             raise UnsupportedAdapterError(f"{src.path}: {reason}", layout=self.name, path=str(src.path))
         groups: dict[str, dict[Role, torch.Tensor]] = {}
         extra: dict[str, torch.Tensor] = {}
+        experts, expert_keys = self.read_experts(src, opts)
         for key, t in src.tensors.items():
+            if key in expert_keys:
+                continue
             parsed = self.split(key)
             if parsed:
                 groups.setdefault(parsed[0], {})[parsed[1]] = t
@@ -111,13 +131,13 @@ class Layout(LayoutSpec):
                                       "the file mixes two namings of the same module", layout=self.name,
                                       path=str(src.path))
                 raw[mod_name] = m
-        if not raw:
+        if not raw and not experts:
             raise LayoutError(f"{src.path}: no adapter tensors (keys ending in {quote_list(self.leaves.values())}); "
                               "the adapter is empty", layout=self.name, path=str(src.path))
         adapter = Adapter(modules=raw, extra={k.removeprefix(self.prefix): v for k, v in extra.items()},
                           meta=AdapterMeta(family=family.name if family else None, source_layout=self.name,
                                            source_path=str(src.path), config=dict(src.config or {}),
-                                           model_config=model_cfg))
+                                           model_config=model_cfg), experts=experts)
         self.read_meta(src, adapter, opts)  # the config describes the file's modules: before fusing/splitting
         adapter.modules = self.to_hf(src, raw, names_family, model_cfg)
         if model_cfg is not None:
@@ -249,6 +269,7 @@ class Layout(LayoutSpec):
 
     def prepare(self, adapter: Adapter, opts: WriteOptions) -> Adapter:
         """Drop what cannot be held (only with allow_lossy), unify rank/scale as the layout needs."""
+        adapter = self.expert_form_for(adapter, opts)
         adapter = self.drop_unsupported(adapter, allow_lossy=opts.allow_lossy)
         adapter = adapter.cast(opts.dtype)
         fixed = self.fixed_scale if self.scale_policy is ScalePolicy.FIXED else None
@@ -266,6 +287,34 @@ class Layout(LayoutSpec):
         if self.every_layer:
             adapter = fill_every_layer(adapter, opts.base_config or adapter.meta.model_config, layout=self.name)
         return adapter
+
+    def expert_form_for(self, adapter: Adapter, opts: WriteOptions) -> Adapter:
+        """MoE expert LoRA in the form this layout holds (:attr:`expert_form`; ``opts.experts`` picks
+        for layouts that hold both): fused experts split into per-expert modules, per-expert modules
+        joined into fused experts, or refused (dropped with ``allow_lossy``), all exactly."""
+        cfg = opts.base_config or adapter.meta.model_config
+        family = cfg.family if cfg else FAMILIES.get(adapter.meta.family or "")
+        form: str = self.expert_form
+        if form == "stacked" and opts.experts != "keep":
+            form = opts.experts
+        if form == "fused":
+            joined, used = join_experts(adapter.modules, family, n_experts=cfg.n_experts if cfg else None)
+            if not joined:
+                return adapter
+            return replace(adapter, modules={n: m for n, m in adapter.modules.items() if n not in used},
+                           experts={**adapter.experts, **joined})
+        if not adapter.experts or form == "stacked":
+            return adapter
+        if form == "none":
+            if not opts.allow_lossy:
+                raise LossyConversionError(
+                    f"{self.name} cannot hold LoRA on MoE experts ({describe(adapter.experts)}); expected an adapter "
+                    "without expert LoRA; convert to peft, native, mlx or mistral, or pass --allow-lossy to drop "
+                    "them", dropped=sorted(adapter.experts))
+            logger.warning("dropping what %s cannot hold: MoE expert LoRA (%s)", self.name, describe(adapter.experts))
+            return replace(adapter, experts={})
+        split = split_experts(adapter.experts, family, layout=self.name)
+        return replace(adapter, modules={**adapter.modules, **split}, experts={})
 
     def _uniform_rank(self, adapter: Adapter, opts: WriteOptions) -> int:
         """The one rank of a one-rank layout: the largest rank *in this layout's modules* (a fused
@@ -302,6 +351,8 @@ class Layout(LayoutSpec):
                     out[self.key(name, role)] = t.contiguous()
         for k, v in work.extra.items():
             out[self.prefix + k] = v.contiguous()
+        if adapter.experts:
+            out.update(self.expert_tensors(adapter.experts))
         return out
 
     def from_hf(self, modules: dict[str, ModuleLoRA], family: Family | None,
@@ -330,6 +381,7 @@ class Layout(LayoutSpec):
         adapter = self.prepare(adapter, opts)
         model_cfg = opts.base_config or adapter.meta.model_config
         tensors = self.tensors_for(adapter, model_cfg)
+        release_source_pages(adapter)
         out.mkdir(parents=True, exist_ok=True)
         if self.container_key:
             tensors = {self.container_key: tensors}  # type: ignore[dict-item]

@@ -95,6 +95,7 @@ class LitgptLayout(Layout):
     scheme = "litgpt"
     leaves: ClassVar[dict[Role, str]] = {"A": "lora_A", "B": "lora_B"}
     one_rank = True
+    expert_form = "none"  # LitGPT has no LoRA on MoE experts
     scale_policy = ScalePolicy.GLOBAL
     pickle = True
     fused_lora = "grouped"

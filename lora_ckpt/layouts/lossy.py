@@ -51,4 +51,4 @@ def drop_unsupported(adapter: Adapter, features: frozenset[Feature], *, layout: 
             continue
         mods[n] = replace(m, magnitude=m.magnitude if "dora" in features else None,
                           bias=m.bias if "bias" in features else None)
-    return Adapter(mods, adapter.extra if "extra" in features else {}, adapter.meta)
+    return replace(adapter, modules=mods, extra=adapter.extra if "extra" in features else {})

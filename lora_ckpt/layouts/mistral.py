@@ -1,6 +1,9 @@
 """mistral-finetune / mistral-inference: ``lora.safetensors`` + ``params.json`` (formats.md §3).
 Meta names (``layers.0.attention.wq``), interleaved q/k rows, one rank, one fixed ``scaling``
-(not alpha/r), one dtype."""
+(not alpha/r), one dtype. Mixtral's experts are per-expert modules
+``layers.{i}.feed_forward.experts.{e}.w1/w2/w3`` (gate/down/up): fused transformers-5 expert LoRA
+(PEFT ``target_parameters``) is split into them and joined back exactly (:mod:`lora_ckpt.experts`);
+``params.json`` gets ``moe: {num_experts, num_experts_per_tok}``."""
 
 from __future__ import annotations
 
@@ -82,6 +85,7 @@ def params_json(cfg: ModelConfig) -> dict[str, Any]:
         return {"dim": raw["hidden_size"], "n_layers": raw["num_hidden_layers"], "head_dim": cfg.head_dim,
                 "hidden_dim": raw["intermediate_size"], "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
                 "norm_eps": raw.get("rms_norm_eps", 1e-5), "vocab_size": raw["vocab_size"], "rope_theta": rope,
-                "moe": None}
+                "moe": ({"num_experts": cfg.n_experts, "num_experts_per_tok": raw.get("num_experts_per_tok", 2)}
+                        if cfg.n_experts else None)}
     except KeyError as e:
         raise ConfigError(f"{cfg.source}: no {e} to write params.json from", path=cfg.source or None) from e

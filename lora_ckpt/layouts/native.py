@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..adapter import Adapter
-from ..errors import ConfigError, MissingConfigError
+from ..errors import ConfigError, LayoutError, MissingConfigError
+from ..experts import ExpertLoRA
 from ..io import read_safetensors_header, save_tensors
-from .base import Layout
+from .base import Layout, release_source_pages
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, Role
 
@@ -30,6 +31,7 @@ class NativeLayout(Layout):
         "emb_A": "lora_embedding_A.weight", "emb_B": "lora_embedding_B.weight"}
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
     keeps_peft_config = True
+    expert_form = "stacked"  # <param>.lora_A (E, r, in), <param>.lora_B (E, out, r); scales in the header
 
     def _meta(self, src: Source) -> dict[str, Any] | None:
         if src.weights.suffix != ".safetensors":
@@ -51,6 +53,27 @@ class NativeLayout(Layout):
         if self._meta(src) is not None:
             return Detection(3, f"{src.weights.name} carries lora-ckpt metadata")
         return None
+
+    def read_experts(self, src: Source, opts: ReadOptions) -> tuple[dict[str, ExpertLoRA], set[str]]:
+        meta = self._meta(src) or {}
+        experts: dict[str, ExpertLoRA] = {}
+        used: set[str] = set()
+        for name, info in (meta.get("experts") or {}).items():
+            keys = (f"{name}.lora_A", f"{name}.lora_B")
+            if not all(k in src.index for k in keys) or not isinstance(info, dict) or "scale" not in info:
+                raise LayoutError(f"{src.weights}: expert LoRA {name!r} is recorded in the header but "
+                                  f"{keys[0]} / {keys[1]} or its scale are missing; the file is incomplete",
+                                  layout=self.name, path=str(src.weights))
+            experts[name] = ExpertLoRA(A=src.tensors[keys[0]], B=src.tensors[keys[1]], scale=float(info["scale"]),
+                                       transposed=bool(info.get("transposed")))
+            used.update(keys)
+        return experts, used
+
+    def expert_tensors(self, experts: dict[str, ExpertLoRA]) -> dict[str, Any]:
+        out = {}
+        for name, x in experts.items():
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = x.A.contiguous(), x.B.contiguous()
+        return out
 
     def read_meta(self, src: Source, adapter: Adapter, opts: ReadOptions) -> None:
         meta = self._meta(src)
@@ -76,8 +99,12 @@ class NativeLayout(Layout):
                 "base_model": adapter.meta.base_model, "family": adapter.meta.family,
                 "task_type": adapter.meta.task_type, "source_layout": adapter.meta.source_layout,
                 "source_config": adapter.meta.config}
+        if adapter.experts:
+            meta["experts"] = {n: {"scale": x.scale, "transposed": x.transposed}
+                               for n, x in adapter.experts.items()}
         out.mkdir(parents=True, exist_ok=True)
         tensors = self.tensors_for(adapter, opts.base_config or adapter.meta.model_config)
+        release_source_pages(adapter)
         save_tensors(tensors, out / self.weight_files[0],
                      metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
         return adapter

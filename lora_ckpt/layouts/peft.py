@@ -1,57 +1,42 @@
 """HF PEFT: ``adapter_model.safetensors`` (or ``.bin``) + ``adapter_config.json``, exactly as
-PEFT 0.21 writes them (formats.md §1)."""
+PEFT 0.21 writes them (formats.md §1). The config translation is :mod:`.peft_config`."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..adapter import Adapter, alpha_for
-from ..errors import ConfigError, MissingConfigError, quote_list
-from ..families import is_embedding, parse_layer
-from ..keys import matches_target
+from ..errors import ConfigError, LayoutError, MissingConfigError
+from ..experts import TRANSPOSED_MODEL_TYPES, ExpertLoRA, from_peft, peft_nesting, to_peft
 from .base import Layout
+from .peft_config import (
+    REQUIRED_FIELDS,
+    TARGET_FIELDS,
+    TENSOR_FIELDS,
+    config_fits,
+    module_scale,
+    new_config,
+    pattern_value,
+    saves_fit,
+    scales_fit,
+    source_peft_config,
+    target_modules,
+    targets_fit,
+    write_peft_config,
+)
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, Role
+
+__all__ = ["PEFT_LEAVES", "PeftLayout", "config_fits", "experts_fit", "module_scale", "new_config", "pattern_value",
+           "peft_config_for", "source_peft_config", "with_experts", "write_peft_config"]
 
 logger = logging.getLogger(__name__)
 
 PEFT_LEAVES: dict[Role, str] = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
                "bias": "lora_B.bias", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
-
-
-def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key``: the first key (in dict order) with
-    ``re.match(rf"(.*\\.)?({key})$", name)`` wins."""
-    if not isinstance(patterns, dict):
-        raise ConfigError(f"rank_pattern/alpha_pattern must be an object, found {type(patterns).__name__}")
-    for key, value in patterns.items():
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", name)
-        except re.error as e:
-            raise ConfigError(f"pattern {key!r} is not a valid regular expression ({e}); PEFT would fail too") from e
-        if hit:
-            return value
-    return default
-
-
-def module_scale(cfg: dict[str, Any], name: str) -> tuple[int, float]:
-    """(rank, scale) PEFT gives module ``name`` under config ``cfg``."""
-    r = pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8))
-    alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
-    if not _number(r) or int(r) != r or r <= 0 or not _number(alpha):
-        raise ConfigError(f"{name}: r={r!r} and lora_alpha={alpha!r}; expected a positive integer rank and a "
-                          "number; fix adapter_config.json")
-    return int(r), alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class PeftLayout(Layout):
@@ -65,6 +50,7 @@ class PeftLayout(Layout):
     leaves: ClassVar[dict[Role, str]] = PEFT_LEAVES
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
     keeps_peft_config = True
+    expert_form = "stacked"
 
     def detect(self, src: Source) -> Detection | None:
         cfg = src.config
@@ -125,31 +111,112 @@ class PeftLayout(Layout):
         if cfg.get("use_rslora"):
             adapter.meta.notes.append("rsLoRA (scale alpha/sqrt(r)): llama.cpp ignores use_rslora")
 
+    # ------------------------------------------------------------------ experts
+    def read_experts(self, src: Source, opts: ReadOptions) -> tuple[dict[str, ExpertLoRA], set[str]]:
+        """``target_parameters`` LoRA (lora_ckpt.experts): ``<module>.[base_layer.]*lora_{A,B}.weight``,
+        the nesting depth naming the parameter (PEFT nests in registration order, the first innermost)."""
+        cfg = src.config or {}
+        targets = cfg.get("target_parameters") or []
+        if not targets:
+            return {}, set()
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise ConfigError(f"{src.config_path}: target_parameters must be a list of parameter names, found "
+                              f"{targets!r}", path=src.config_path)
+        model_cfg = opts.base_config or self.implied_model_config(src)
+        transposed = bool(model_cfg and model_cfg.raw.get("model_type") in TRANSPOSED_MODEL_TYPES)
+        found: dict[str, dict[int, dict[str, Any]]] = {}  # module -> nesting depth -> leaf -> tensor
+        for key, t in src.tensors.items():
+            parsed = self.split(key)
+            if parsed is None or parsed[1] not in ("A", "B"):
+                continue
+            module, depth = parsed[0], 0
+            while module.endswith(".base_layer"):
+                module, depth = module.removesuffix(".base_layer"), depth + 1
+            if _targeted_params(module, targets):
+                found.setdefault(module, {}).setdefault(depth, {})[parsed[1]] = (key, t)
+        experts: dict[str, ExpertLoRA] = {}
+        used: set[str] = set()
+        for module, by_depth in found.items():
+            nesting = peft_nesting(_targeted_params(module, targets))
+            for param, nest in nesting.items():
+                parts = by_depth.pop(nest.count("base_layer."), {})
+                if "A" not in parts or "B" not in parts:
+                    raise LayoutError(f"{src.path}: target_parameters {param!r} of {module!r} has no "
+                                      f"{module}.{nest}lora_{'A' if 'A' not in parts else 'B'}.weight; expected both "
+                                      "factors (PEFT would leave it unadapted or random); the file is incomplete",
+                                      layout=self.name, path=str(src.path))
+                name = f"{module}.{param}"
+                r, scale = module_scale(cfg, name)
+                (ka, A), (kb, B) = parts["A"], parts["B"]
+                experts[name] = from_peft(A, B, r, name=name, scale=scale, transposed=transposed)
+                used.update((ka, kb))
+            if by_depth:
+                raise LayoutError(f"{src.path}: {module!r} has LoRA factors nested {sorted(by_depth)} deep but "
+                                  f"target_parameters names {len(nesting)} parameter(s) of it "
+                                  f"({', '.join(nesting)}); fix target_parameters", layout=self.name,
+                                  path=str(src.path))
+        return experts, used
+
+    def expert_tensors(self, experts: dict[str, ExpertLoRA]) -> dict[str, Any]:
+        by_module: dict[str, list[str]] = {}
+        for name in experts:
+            module, _, param = name.rpartition(".")
+            by_module.setdefault(module, []).append(param)
+        out = {}
+        for module, params in by_module.items():
+            for param, nest in peft_nesting(params).items():
+                A, B = to_peft(experts[f"{module}.{param}"])
+                out[f"{self.prefix}{module}.{nest}lora_A.weight"] = A
+                out[f"{self.prefix}{module}.{nest}lora_B.weight"] = B
+        return out
+
     # ------------------------------------------------------------------ writing
     def write_config(self, adapter: Adapter, out: Path, opts: WriteOptions) -> None:
         write_peft_config(peft_config_for(adapter, opts, layout=self.name), out / self.config_file)
 
 
-def write_peft_config(cfg: dict[str, Any], path: Path) -> None:
-    """As PEFT writes it: ``json.dumps(indent=2, sort_keys=True)``, no trailing newline."""
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+def _targeted_params(module: str, targets: list[str]) -> list[str]:
+    """The parameters of ``module`` that ``target_parameters`` selects (PEFT: the full name
+    ``module.param`` equals an entry or ends with ``"." + entry``)."""
+    out = []
+    for t in targets:
+        param = t.rpartition(".")[2]
+        full = f"{module}.{param}"
+        if param not in out and (full == t or full.endswith("." + t)):
+            out.append(param)
+    return out
 
 
-# ------------------------------------------------------------- config fidelity
-#: fields that follow from the tensors: re-derived when the written tensors need it (ranks padded, scales folded)
-TENSOR_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias",
-                 "fan_in_fan_out")
-#: fields that say where LoRA sits: re-derived only when the written modules no longer fit them
-TARGET_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
-#: filled in when the source config lacks the key (torchtune writes r, lora_alpha, target_modules, peft_type)
-REQUIRED_FIELDS = ("peft_type", "task_type", "base_model_name_or_path")
+def experts_fit(cfg: dict[str, Any], adapter: Adapter) -> bool:
+    """Whether ``cfg``'s ``target_parameters``, ranks and alphas describe ``adapter.experts`` exactly."""
+    targets = cfg.get("target_parameters") or []
+    if not adapter.experts:
+        return not targets
+    for name, x in adapter.experts.items():
+        module, _, param = name.rpartition(".")
+        if param not in _targeted_params(module, targets) or module_scale(cfg, name) != (x.rank, x.scale):
+            return False
+    return True
 
 
-def source_peft_config(adapter: Adapter) -> dict[str, Any] | None:
-    """The PEFT config the adapter came with (PEFT's, torchtune's, or one native, loralib or LLMBook
-    kept), or None."""
-    cfg = adapter.meta.config
-    return cfg if isinstance(cfg, dict) and cfg.get("peft_type") else None
+def with_experts(cfg: dict[str, Any], adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
+    """``cfg`` (from :func:`new_config`) with ``target_parameters`` and exact per-parameter rank/alpha
+    patterns for ``adapter.experts`` (block-relative names when every block has them, else full names)."""
+    if not adapter.experts:
+        return cfg
+    cfg = dict(cfg, rank_pattern=dict(cfg["rank_pattern"]), alpha_pattern=dict(cfg["alpha_pattern"]))
+    if not adapter.modules:  # the global r/alpha come from the experts
+        ranks = Counter(x.rank for x in adapter.experts.values())
+        cfg["r"] = ranks.most_common(1)[0][0]
+        cfg["lora_alpha"] = Counter(alpha_for(x.scale, x.rank) for x in adapter.experts.values()).most_common(1)[0][0]
+        cfg["target_modules"] = []  # as PEFT 0.21.2 writes an experts-only config
+    for name, x in adapter.experts.items():
+        if x.rank != cfg["r"]:
+            cfg["rank_pattern"][name] = x.rank
+        if alpha_for(x.scale, x.rank) != cfg["lora_alpha"]:
+            cfg["alpha_pattern"][name] = alpha_for(x.scale, x.rank)
+    cfg["target_parameters"] = target_modules(list(adapter.experts), opts, relative=True)
+    return cfg
 
 
 def peft_config_for(adapter: Adapter, opts: WriteOptions, *, layout: str, plain_scale: bool = False,
@@ -158,13 +225,13 @@ def peft_config_for(adapter: Adapter, opts: WriteOptions, *, layout: str, plain_
     describes ``adapter``; only the fields that no longer fit are re-derived (:func:`new_config`),
     each group with a note in ``adapter.meta.notes``; fields the source lacks are filled in.
     ``plain_scale``: the layout reads ``lora_alpha / r`` itself (torchtune), so no rsLoRA."""
-    fresh = new_config(adapter, opts)
+    fresh = with_experts(new_config(adapter, opts), adapter, opts)
     orig = source_peft_config(adapter)
     if orig is None:
         return fresh
     cfg, redone = dict(orig), []
-    if not scales_fit(orig, adapter) or (plain_scale and orig.get("use_rslora")):
-        for k in TENSOR_FIELDS:
+    if not (scales_fit(orig, adapter) and experts_fit(orig, adapter)) or (plain_scale and orig.get("use_rslora")):
+        for k in (*TENSOR_FIELDS, "target_parameters"):
             if k in fresh or k in cfg:
                 cfg[k] = fresh.get(k, False)
         redone.append("r/lora_alpha/rank_pattern/alpha_pattern (ranks were padded or scales folded on the way)")
@@ -186,195 +253,3 @@ def peft_config_for(adapter: Adapter, opts: WriteOptions, *, layout: str, plain_
         adapter.meta.notes.append(f"{layout} adapter_config.json: the source's config, but re-derived: "
                                   + "; ".join(redone))
     return cfg
-
-
-def config_fits(cfg: dict[str, Any], adapter: Adapter) -> bool:
-    """Whether ``cfg`` (an original PEFT config) still describes ``adapter`` exactly."""
-    return scales_fit(cfg, adapter) and targets_fit(cfg, adapter) and saves_fit(cfg, adapter)
-
-
-def scales_fit(cfg: dict[str, Any], adapter: Adapter) -> bool:
-    """Ranks, scales, DoRA, LoRA bias and fan_in_fan_out of every module are what ``cfg`` gives."""
-    if bool(cfg.get("use_dora")) != adapter.uses_dora or bool(cfg.get("lora_bias")) != adapter.uses_bias:
-        return False
-    try:
-        return all(module_scale(cfg, n) == (m.rank, m.scale) and m.fan_in_fan_out == bool(cfg.get("fan_in_fan_out"))
-                   for n, m in adapter.modules.items())
-    except ConfigError:
-        return False
-
-
-def peft_targets(cfg: dict[str, Any], name: str) -> bool:
-    """Whether PEFT puts LoRA on module ``name`` under ``cfg`` (its ``check_target_module_exists``:
-    exclude_modules, modules_to_save, target_modules as a list or a full-match regex, and for a
-    list layers_to_transform / layers_pattern)."""
-    excl = cfg.get("exclude_modules")
-    if excl and (re.fullmatch(excl, name) if isinstance(excl, str) else matches_target(name, excl)):
-        return False
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in cfg.get("modules_to_save") or []):
-        return False
-    targets = cfg.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return (targets.lower() == "all-linear" and not name.endswith("lm_head")) or matches_target(name, targets)
-    if not matches_target(name, targets):
-        return False
-    layers = cfg.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    patterns = cfg.get("layers_pattern")
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    hit = (re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name) if not patterns
-           else next((h for p in patterns if (h := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None))
-    if hit is None:
-        return False
-    return int(hit["idx"]) == layers if isinstance(layers, int) else int(hit["idx"]) in layers
-
-
-def targets_fit(cfg: dict[str, Any], adapter: Adapter) -> bool:
-    """PEFT targets every module of ``adapter`` under ``cfg``, and no embedding a list names is gone
-    (a layout that cannot hold embedding LoRA dropped it)."""
-    if not all(peft_targets(cfg, n) for n in adapter.modules):
-        return False
-    targets = cfg.get("target_modules")
-    return isinstance(targets, str) or not any(
-        is_embedding(t) and not any(matches_target(n, [t]) for n in adapter.modules) for t in targets or [])
-
-
-def saved_tensors(adapter: Adapter) -> list[str]:
-    """The full tensors that modules_to_save accounts for (PEFT saves embedding bases on its own)."""
-    return [k for k in adapter.extra if ".base_layer." not in k]
-
-
-#: the heads PEFT adds to modules_to_save itself for a task type (PeftModelForSequenceClassification, ...)
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
-
-
-def _covered(key: str, entries: list[str] | tuple[str, ...]) -> bool:
-    """A tensor key lies under a module whose name ends with an entry (PEFT's modules_to_save rule)."""
-    return any(".".join(key.split(".")[:i]).endswith(e) for i in range(1, key.count(".") + 1) for e in entries)
-
-
-def saves_fit(cfg: dict[str, Any], adapter: Adapter) -> bool:
-    """Every full tensor lies under a module ``modules_to_save`` names, and the config names none
-    (beyond the heads PEFT adds for the task) when there are none."""
-    entries, saved = cfg.get("modules_to_save") or [], saved_tensors(adapter)
-    if not saved:
-        return set(entries) <= set(TASK_HEADS.get(cfg.get("task_type") or "", ()))
-    return all(_covered(k, entries) for k in saved)
-
-
-def _modules_to_save(adapter: Adapter, task_type: str) -> list[str]:
-    """The modules holding the full tensors; a task's heads named as PEFT names them ("classifier"
-    for ``classifier.dense.weight``: PEFT adds it for SEQ_CLS anyway, and one wrapper is what it saved)."""
-    heads = TASK_HEADS.get(task_type, ())
-    saved = saved_tensors(adapter)
-    rest = {k.rsplit(".", 1)[0] for k in saved if not _covered(k, heads)}
-    return [*heads, *sorted(rest)] if any(_covered(k, heads) for k in saved) else sorted(rest)
-
-
-#: the head class of a transformers architecture -> PEFT's task_type
-TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
-              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
-
-
-def task_type_for(adapter: Adapter, opts: WriteOptions) -> str:
-    """The adapter's task_type, else the base config's architecture's, else CAUSAL_LM."""
-    if adapter.meta.task_type:
-        return adapter.meta.task_type
-    cfg = opts.base_config or adapter.meta.model_config
-    archs = (cfg.raw.get("architectures") or []) if cfg is not None else []
-    arch = archs[0] if archs and isinstance(archs[0], str) else ""
-    return next((t for suffix, t in TASK_TYPES.items() if arch.endswith(suffix)), "CAUSAL_LM")
-
-
-def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
-    """A PEFT config for ``adapter``: the most common rank/alpha globally, exact per-module
-    ``rank_pattern``/``alpha_pattern`` (full module names) for the others. Keys newer PEFT
-    versions added are written only when set, so older PEFT versions load it too."""
-    mods = adapter.modules
-    r = Counter(m.rank for m in mods.values()).most_common(1)[0][0] if mods else 8
-    alphas = {n: alpha_for(m.scale, m.rank) for n, m in mods.items()}
-    alpha = Counter(alphas.values()).most_common(1)[0][0] if mods else 8
-    rank_pattern = {n: m.rank for n, m in mods.items() if m.rank != r}
-    alpha_pattern = {n: a for n, a in alphas.items() if a != alpha}
-    src_cfg = adapter.meta.config or {}
-    layers = layer_subset(list(mods), opts)
-    task_type = task_type_for(adapter, opts)
-    cfg: dict[str, Any] = {
-        "alpha_pattern": alpha_pattern,
-        "base_model_name_or_path": adapter.meta.base_model or src_cfg.get("base_model_name_or_path"),
-        "bias": "none",
-        "fan_in_fan_out": any(m.fan_in_fan_out for m in mods.values()),
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_pattern": "layers" if layers is not None else None,
-        "layers_to_transform": layers,
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "modules_to_save": _modules_to_save(adapter, task_type) or None,
-        "peft_type": "LORA",
-        "r": r,
-        "rank_pattern": rank_pattern,
-        "revision": None,
-        "target_modules": (target_modules(list(mods), opts) if layers is None
-                           else sorted({n.rsplit(".", 1)[-1] for n in mods})),
-        "task_type": task_type,
-        "use_rslora": False,
-    }
-    if adapter.uses_dora:
-        cfg["use_dora"] = True
-    if adapter.uses_bias:
-        cfg["lora_bias"] = True
-    for key in {**rank_pattern, **alpha_pattern}:  # each full-name pattern must select only its module
-        if any(other != key and re.match(rf"(.*\.)?({key})$", other) for other in mods):
-            raise ConfigError(f"cannot express the rank/alpha of {key!r} with a PEFT pattern that selects only it")
-    return cfg
-
-
-def layer_subset(names: list[str], opts: WriteOptions) -> list[int] | None:
-    """The block indices, when every leaf type covers the same proper subset of the blocks (as
-    mlx-lm's "last N layers" does), for PEFT's ``layers_to_transform``; else None."""
-    by_leaf = _blocks_by_leaf(names)
-    if by_leaf is None:
-        return None
-    covered = {frozenset(v) for v in by_leaf.values()}
-    if len(covered) != 1 or len({rest.rsplit(".", 1)[-1] for rest in by_leaf}) != len(by_leaf):
-        return None
-    blocks = set(next(iter(covered)))
-    n_layers = opts.base_config.n_layers if opts.base_config is not None else None
-    if blocks == set(range(n_layers if n_layers is not None else max(blocks) + 1)):
-        return None  # every block: target_modules alone says it
-    return sorted(blocks)
-
-
-def target_modules(names: list[str], opts: WriteOptions) -> list[str]:
-    """Leaf names (``q_proj``) when every leaf type covers every layer, else the full names:
-    PEFT then wraps exactly the modules the file holds (no zero-B modules, no missing-key warnings)."""
-    by_leaf = _blocks_by_leaf(names)
-    if by_leaf is None:
-        return sorted(names)
-    n_layers = opts.base_config.n_layers if opts.base_config is not None else None
-    covered = {frozenset(v) for v in by_leaf.values()}
-    leaves = sorted({rest.rsplit(".", 1)[-1] for rest in by_leaf})
-    blocks = next(iter(covered))
-    full_range = len(covered) == 1 and blocks == set(range(max(blocks) + 1))
-    if (full_range and (n_layers is None or max(blocks) + 1 == n_layers)
-            and len(leaves) == len(by_leaf)):
-        if n_layers is None:
-            logger.info("target_modules %s assumes the adapter covers every layer (pass --base-config to check)",
-                        quote_list(leaves, 7))
-        return leaves
-    return sorted(names)
-
-
-def _blocks_by_leaf(names: list[str]) -> dict[str, set[int]] | None:
-    """Block-relative path -> the blocks holding it; None if a module is outside the blocks."""
-    by_leaf: dict[str, set[int]] = {}
-    for n in names:
-        block = parse_layer(n)
-        if block is None:
-            return None
-        by_leaf.setdefault(block.rest, set()).add(block.number)
-    return by_leaf

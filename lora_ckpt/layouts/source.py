@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..families import ModelConfig
 from ..io import TensorMeta, load_tensors, read_json, tensor_index
@@ -74,3 +74,6 @@ class WriteOptions:
     base_config: ModelConfig | None = None
     allow_lossy: bool = False
     dtype: torch.dtype | None = None
+    # MoE experts in a layout that holds both forms (PEFT, native): as read, fused target_parameters, or
+    # per-expert modules (experts.{e}.gate_proj ...)
+    experts: Literal["keep", "fused", "per-expert"] = "keep"

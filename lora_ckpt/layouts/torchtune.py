@@ -33,6 +33,7 @@ class TorchtuneLayout(Layout):
     leaves: ClassVar[dict[Role, str]] = {"A": "lora_a.weight", "B": "lora_b.weight", "magnitude": "magnitude"}
     features = frozenset({"dora"})
     one_rank = True
+    expert_form = "none"  # torchtune 0.6.1 has no LoRA for MoE experts (no Qwen-MoE or Mixtral LoRA builders)
     scale_policy = ScalePolicy.GLOBAL
     pickle = True
     every_layer = True  # torchtune's lora_attn_modules / apply_lora_to_mlp apply to all layers
