@@ -338,8 +338,7 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
             tokenizer files) or a single ``.safetensors`` file.
         adapter: an adapter directory/file in any supported layout, or an :class:`Adapter`.
         out: the output directory.
-        dtype: output dtype of floating tensors, a torch dtype or a name (``"bf16"``; default: each tensor
-            keeps the base's).
+        dtype: output dtype of floating tensors, or its name (``"bf16"``; default: each keeps the base's).
         max_shard_size: largest shard (``"5GB"``, ``"500MB"``, ``"2GiB"``, bytes); ``to="hf"`` only.
         to: parameter names of the output: ``"hf"``, ``"torchtune"`` or ``"meta"`` (module docstring).
         base_config: the base's ``config.json``/``params.json`` (default: ``config.json`` in ``base``).
