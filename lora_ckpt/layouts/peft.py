@@ -230,12 +230,13 @@ def peft_config_for(adapter: Adapter, opts: WriteOptions, *, layout: str, plain_
     if orig is None:
         return fresh
     cfg, redone = dict(orig), []
-    if not (scales_fit(orig, adapter) and experts_fit(orig, adapter)) or (plain_scale and orig.get("use_rslora")):
+    experts_ok = experts_fit(orig, adapter)  # the experts' form (fused / per-expert) is as the source had it
+    if not (experts_ok and scales_fit(orig, adapter)) or (plain_scale and orig.get("use_rslora")):
         for k in (*TENSOR_FIELDS, "target_parameters"):
             if k in fresh or k in cfg:
-                cfg[k] = fresh.get(k, False)
+                cfg[k] = fresh.get(k, None if k == "target_parameters" else False)
         redone.append("r/lora_alpha/rank_pattern/alpha_pattern (ranks were padded or scales folded on the way)")
-    if not targets_fit(cfg, adapter):
+    if not (experts_ok and targets_fit(cfg, adapter)):
         for k in TARGET_FIELDS:
             if k in fresh or k in cfg:
                 cfg[k] = fresh.get(k)
