@@ -20,7 +20,15 @@ reported number is the median over all timed steps.
 
     python bench/forward.py --device cpu --dtype fp32,bf16      # CPU, tokens scaled down 64x
     python bench/forward.py --device cuda --dtype bf16          # full shapes
+    python bench/forward.py --device cuda --autocast bf16,fp16  # fp32 weights under torch.autocast
     python bench/forward.py --device cuda --shapes 0 --profile --variants lora_ckpt,exp_function
+
+``--autocast bf16,fp16`` measures mixed precision as ``Trainer(bf16=True)`` runs it: weights and
+adapters in ``--dtype`` (default fp32), the forward under ``torch.autocast(device, dtype)``, the
+backward after it (as accelerate does); ``gy`` is in the output's dtype. Each autocast dtype is one
+row; ``frozen`` is then a frozen fp32 ``nn.Linear`` under the same autocast, ``peft`` PEFT's layer
+under it (fp32 adapters: ``peft_same`` is the same layer and is skipped), and the ``exp_*``
+experiments (which ignore autocast) are refused.
 
 Shapes are (tokens T, in -> out, rank r): (8192, 4096->4096, 16), (8192, 4096->14336, 16),
 (16384, 8192->8192, 64). ``--token-scale N`` divides T by N (default 64 on CPU, 1 on CUDA); the
@@ -187,18 +195,22 @@ def build_layers(in_f: int, out_f: int, r: int, dtype: torch.dtype, device: str,
     return layers
 
 
-def _step(layer: nn.Module, params: list[nn.Parameter], x: torch.Tensor, gy: torch.Tensor) -> None:
+def _step(layer: nn.Module, params: list[nn.Parameter], x: torch.Tensor, gy: torch.Tensor,
+          amp: torch.dtype | None = None) -> None:
     x.grad = None
     for p in params:
         p.grad = None
-    y = layer(x)
+    with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        y = layer(x)
     y.backward(gy)
 
 
-def check(layers: dict[str, nn.Module], x: torch.Tensor, gy: torch.Tensor) -> dict[str, dict[str, float]]:
+def check(layers: dict[str, nn.Module], x: torch.Tensor, gy: torch.Tensor,
+          amp: torch.dtype | None = None) -> dict[str, dict[str, float]]:
     """Relative L2 differences of output, input gradient and adapter-A gradient of each LoRA
-    variant against ``peft_same`` (PEFT with adapters in the base dtype)."""
-    if "peft_same" not in layers:
+    variant against ``peft_same`` (PEFT with adapters in the base dtype; ``peft`` under autocast)."""
+    ref_name = "peft" if amp is not None else "peft_same"
+    if ref_name not in layers:
         return {}
     outs = {}
     for name, layer in layers.items():
@@ -207,7 +219,8 @@ def check(layers: dict[str, nn.Module], x: torch.Tensor, gy: torch.Tensor) -> di
         x.grad = None
         for p in layer.parameters():
             p.grad = None
-        y = layer(x)
+        with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            y = layer(x)
         y.backward(gy)
         ga = next(p.grad for n, p in layer.named_parameters() if "lora_A" in n)
         gb = next(p.grad for n, p in layer.named_parameters() if "lora_B" in n)
@@ -215,25 +228,26 @@ def check(layers: dict[str, nn.Module], x: torch.Tensor, gy: torch.Tensor) -> di
         for p in layer.parameters():
             p.grad = None
     x.grad = None
-    ref = outs["peft_same"]
+    ref = outs[ref_name]
     rel = lambda u, v: ((u - v).norm() / v.norm()).item()  # noqa: E731
     return {n: {"out": rel(o[0], ref[0]), "grad_x": rel(o[1], ref[1]), "grad_A": rel(o[2], ref[2]),
                 "grad_B": rel(o[3], ref[3])}
-            for n, o in outs.items() if n != "peft_same"}
+            for n, o in outs.items() if n != ref_name}
 
 
 def bench_shape(t: int, in_f: int, out_f: int, r: int, dtype: torch.dtype, device: str, iters: int,
-                warmup: int, rounds: int, variants: list[str], profile: bool = False) -> dict:
+                warmup: int, rounds: int, variants: list[str], profile: bool = False,
+                amp: torch.dtype | None = None) -> dict:
     layers = build_layers(in_f, out_f, r, dtype, device, variants)
     gen = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(t, in_f, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-    gy = torch.randn(t, out_f, generator=gen).to(device=device, dtype=dtype)
+    gy = torch.randn(t, out_f, generator=gen).to(device=device, dtype=amp or dtype)  # the output's dtype
     params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in layers.items()}
     cuda = device.startswith("cuda")
-    errs = check(layers, x, gy)
+    errs = check(layers, x, gy, amp)
     for name, layer in layers.items():  # warm-up: allocator, kernels, handles
         for _ in range(warmup):
-            _step(layer, params[name], x, gy)
+            _step(layer, params[name], x, gy, amp)
     if cuda:
         torch.cuda.synchronize()
     times: dict[str, list[float]] = {n: [] for n in layers}
@@ -251,7 +265,7 @@ def bench_shape(t: int, in_f: int, out_f: int, r: int, dtype: torch.dtype, devic
                        for _ in range(per_round)]
                 for s, e in evs:
                     s.record()
-                    _step(layer, ps, x, gy)
+                    _step(layer, ps, x, gy, amp)
                     e.record()
                 torch.cuda.synchronize()
                 times[name] += [s.elapsed_time(e) for s, e in evs]
@@ -259,7 +273,7 @@ def bench_shape(t: int, in_f: int, out_f: int, r: int, dtype: torch.dtype, devic
             else:
                 for _ in range(per_round):
                     t0 = time.perf_counter()
-                    _step(layer, ps, x, gy)
+                    _step(layer, ps, x, gy, amp)
                     times[name].append((time.perf_counter() - t0) * 1e3)
     if profile:
         from torch.profiler import ProfilerActivity
@@ -268,7 +282,7 @@ def bench_shape(t: int, in_f: int, out_f: int, r: int, dtype: torch.dtype, devic
         for name, layer in layers.items():
             with prof(activities=acts) as p:
                 for _ in range(5):
-                    _step(layer, params[name], x, gy)
+                    _step(layer, params[name], x, gy, amp)
                 if cuda:
                     torch.cuda.synchronize()
             print(f"## profile {name} {[t, in_f, out_f, r]} (5 steps)")
@@ -276,7 +290,8 @@ def bench_shape(t: int, in_f: int, out_f: int, r: int, dtype: torch.dtype, devic
                                          max_name_column_width=70))
     med = {n: statistics.median(v) for n, v in times.items()}
     spread = {n: (min(v), max(v)) for n, v in times.items()}
-    return {"shape": [t, in_f, out_f, r], "dtype": str(dtype).replace("torch.", ""), "device": device,
+    label = str(dtype).replace("torch.", "") + ("" if amp is None else f"+autocast-{str(amp).replace('torch.', '')}")
+    return {"shape": [t, in_f, out_f, r], "dtype": label, "device": device,
             "n": {n: len(v) for n, v in times.items()}, "median_ms": med, "min_max_ms": spread,
             "ratio_to_frozen": {n: med[n] / med["frozen"] for n in med} if "frozen" in med else {},
             "peak_extra_bytes": peak, "check": errs}
@@ -300,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, help="comma list of fp32,bf16,fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--dtype", default=None, help="comma list of fp32,bf16,fp16 (default: bf16 on CUDA, fp32 on CPU; "
+                    "fp32 with --autocast)")
+    ap.add_argument("--autocast", default=None, help="comma list of bf16,fp16: run each under torch.autocast in that "
+                    "dtype (weights in --dtype)")
     ap.add_argument("--iters", type=int, default=None, help="timed steps per variant and shape "
                     "(default 100 on CUDA, 24 on CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 10 CUDA, 2 CPU)")
@@ -315,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write all results to this file")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    dtypes = (args.dtype or ("bf16" if cuda else "fp32")).split(",")
+    dtypes = (args.dtype or ("bf16" if cuda and not args.autocast else "fp32")).split(",")
+    amps: list[torch.dtype | None] = [DTYPES[a] for a in args.autocast.split(",")] if args.autocast else [None]
     iters = args.iters or (100 if cuda else 24)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     rounds = args.rounds or (10 if cuda else 6)
@@ -323,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants.split(",")
     if "frozen" not in variants:
         variants.insert(0, "frozen")
+    if args.autocast:
+        if any(v in EXPERIMENTS for v in variants):
+            ap.error("the exp_* experiments ignore autocast; leave them out with --autocast")
+        variants = [v for v in variants if v != "peft_same"]  # fp32 adapters: the same layer as peft
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
@@ -336,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for dname in dtypes:
         dtype = DTYPES[dname]
-        for t, i, o, r in shapes:
+        for amp, (t, i, o, r) in ((a, sh) for a in amps for sh in shapes):
             res = bench_shape(t // scale, i, o, r, dtype, args.device, iters, warmup, rounds, variants,
-                              args.profile)
+                              args.profile, amp)
             results.append(res)
             print(json.dumps(res), flush=True)
             if cuda:
@@ -356,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nextra peak CUDA memory per step (MiB): " + "; ".join(
             f"{res['shape']} " + ", ".join(f"{v} {res['peak_extra_bytes'][v] / 2**20:.0f}" for v in variants)
             for res in results))
-    print("\nvs peft_same, relative L2 of output / input grad / grad of A / grad of B: " + "; ".join(
+    ref = "peft" if args.autocast else "peft_same"
+    print(f"\nvs {ref}, relative L2 of output / input grad / grad of A / grad of B: " + "; ".join(
         f"{res['dtype']} {res['shape'][0]},{res['shape'][1]}->{res['shape'][2]} " + ", ".join(
             f"{n} {c['out']:.0e}/{c['grad_x']:.0e}/{c['grad_A']:.0e}/{c['grad_B']:.0e}"
             for n, c in res["check"].items())

@@ -17,10 +17,12 @@ _EXPORTS = {  # public name -> submodule (None: the submodule itself)
     "LoadResult": "checkpoint",
     "MergeResult": "merge",
     "adapter_state_dict": "inject",
+    "apply_adapter": "transfer",
     "check_source": "check",
     "convert": "conversion",
     "errors": None,
     "hub": None,
+    "init_empty_weights": "empty",
     "inject_lora": "inject",
     "inspect_checkpoint": "report",
     "inspect_source": "report",
@@ -28,7 +30,7 @@ _EXPORTS = {  # public name -> submodule (None: the submodule itself)
     "load_checkpoint": "checkpoint",
     "merge_checkpoint": "merge",
     "read_checkpoint": "checkpoint",
-    "save_adapter": "layouts",
+    "save_adapter": "transfer",
     "stock_state_dict": "inject",
     "verify": "conversion",
 }
@@ -45,16 +47,18 @@ if TYPE_CHECKING:  # pragma: no cover  (`import x as x`: explicit re-exports for
     from .checkpoint import read_checkpoint as read_checkpoint
     from .conversion import convert as convert
     from .conversion import verify as verify
+    from .empty import init_empty_weights as init_empty_weights
     from .inject import adapter_state_dict as adapter_state_dict
     from .inject import inject_lora as inject_lora
     from .inject import stock_state_dict as stock_state_dict
     from .layer import LoRALinear as LoRALinear
     from .layouts import load_adapter as load_adapter
-    from .layouts import save_adapter as save_adapter
     from .merge import MergeResult as MergeResult
     from .merge import merge_checkpoint as merge_checkpoint
     from .report import inspect_checkpoint as inspect_checkpoint
     from .report import inspect_source as inspect_source
+    from .transfer import apply_adapter as apply_adapter
+    from .transfer import save_adapter as save_adapter
 
 
 def __getattr__(name: str) -> Any:

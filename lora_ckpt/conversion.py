@@ -28,7 +28,7 @@ from .hub.client import fetch_model_config
 from .io import PathLike, release_file_pages
 from .layouts import detect_layout, get_layout, load_adapter, save_adapter
 
-__all__ = ["ConvertResult", "VerifyReport", "compare_adapters", "convert", "verify"]
+__all__ = ["ConvertResult", "VerifyReport", "compare_adapters", "convert", "verify", "write_verified"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +234,28 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
     det = detect_layout(source, layout=from_)
     adapter = load_adapter(source, layout=det.layout.name, base_config=base_config, alpha=alpha,
                            resolve_base_config=fetch_model_config)
+    written, report = write_verified(adapter, out, to=to, base_config=base_config, dtype=dtype, force=force,
+                                     allow_lossy=allow_lossy, inputs=(source,), verify_output=verify_output,
+                                     experts=experts)
+    return ConvertResult(det.layout.name, to, Path(out), len(written.modules), report, adapter.meta.notes)
+
+
+def write_verified(adapter: Adapter, out: PathLike, *, to: str, base_config: PathLike | ModelConfig | None = None,
+                   dtype: torch.dtype | None = None, force: bool = False, allow_lossy: bool = False,
+                   inputs: tuple[PathLike, ...] = (), verify_output: bool = True,
+                   experts: Literal["keep", "fused", "per-expert"] = "keep") -> tuple[Adapter, VerifyReport | None]:
+    """Write an in-memory adapter as ``out`` in layout ``to`` and, before the output is moved into
+    place, read it back and compare every module with ``adapter`` (what ``convert`` does after
+    reading its source).
+
+    Returns:
+        The adapter as written (ranks padded, scales folded, ...) and the verification report
+        (None with ``verify_output=False``).
+
+    Raises:
+        VerificationError: the written adapter does not compute ``adapter``'s update; nothing is written.
+        OutputExistsError, LossyConversionError: as :func:`lora_ckpt.layouts.save_adapter`.
+    """
     reports: list[VerifyReport] = []
 
     pending: list[torch.Tensor] = []
@@ -275,6 +297,5 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
                                   "it (task_type, target_modules and modules_to_save as written, revision and init "
                                   "options are not kept)")
     written = save_adapter(adapter, out, layout=to, base_config=base_config, force=force, allow_lossy=allow_lossy,
-                           dtype=dtype, inputs=(source,), check=check if verify_output else None, experts=experts)
-    return ConvertResult(det.layout.name, to, Path(out), len(written.modules), reports[0] if reports else None,
-                         adapter.meta.notes)
+                           dtype=dtype, inputs=inputs, check=check if verify_output else None, experts=experts)
+    return written, reports[0] if reports else None

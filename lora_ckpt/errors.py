@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
+    "AdapterMismatchError",
+    "AlreadyWrappedError",
     "AmbiguousCheckpointError",
     "AmbiguousKeyError",
     "AmbiguousLayoutError",
@@ -33,10 +35,15 @@ __all__ = [
     "LoraCkptError",
     "LossyConversionError",
     "MergedLayerError",
+    "MetaTensorError",
     "MissingConfigError",
+    "MissingDependencyError",
+    "NotACheckpointError",
     "NotCachedError",
     "OutputExistsError",
     "OutputPathError",
+    "QuantizationError",
+    "QuantizedMergeError",
     "RepoNotFoundError",
     "RevisionNotFoundError",
     "ShapeMismatchError",
@@ -46,6 +53,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsafeRepoError",
     "UnsupportedAdapterError",
+    "UnsupportedModuleError",
     "UsageError",
     "VerificationError",
     "quote_list",
@@ -161,6 +169,27 @@ class MergedLayerError(LoraCkptError, RuntimeError):
     """An operation that is wrong on a merged LoRA layer (or on an unmerged one)."""
 
 
+class QuantizedMergeError(MergedLayerError):
+    """``merge()`` asked of a LoRA layer whose base is quantized (NF4): it cannot hold the merged weight."""
+
+
+class QuantizationError(StateDictError):
+    """A weight that cannot be quantized as asked (a size NF4 cannot block, a non-float dtype)."""
+
+    def __init__(self, message: str, *, key: str | None = None, shape: tuple[int, ...] | None = None) -> None:
+        super().__init__(message, key=key)
+        self.shape = shape
+
+
+class MissingDependencyError(LoraCkptError, ImportError):
+    """An optional dependency that a requested feature needs is not installed (``pip install lora-ckpt[extra]``)."""
+
+    def __init__(self, message: str, *, package: str, extra: str | None = None) -> None:
+        super().__init__(message)
+        self.package = package
+        self.extra = extra
+
+
 class TargetNotFoundError(LoraCkptError, ValueError):
     """A LoRA target that matches no ``nn.Linear`` of the model."""
 
@@ -168,6 +197,56 @@ class TargetNotFoundError(LoraCkptError, ValueError):
         super().__init__(message)
         self.targets = targets
         self.candidates = candidates
+
+
+class UnsupportedModuleError(LoraCkptError, ValueError):
+    """A LoRA target that matches a module lora-ckpt cannot wrap (``nn.Embedding``, a container...).
+
+    ``modules`` maps each such module's name to its class name.
+    """
+
+    def __init__(self, message: str, *, modules: dict[str, str]) -> None:
+        super().__init__(message)
+        self.modules = modules
+
+
+class AlreadyWrappedError(LoraCkptError, ValueError):
+    """An ``inject_lora`` that would wrap nothing new, or that asks for other settings than those of
+    modules already wrapped (``modules``: their names)."""
+
+    def __init__(self, message: str, *, modules: list[str]) -> None:
+        super().__init__(message)
+        self.modules = modules
+
+
+class AdapterMismatchError(StateDictError):
+    """An adapter that does not fit the model it is applied to: modules with no target in the model,
+    a rank or scale that differs from the wrapped layer's, or nothing that would change.
+
+    ``modules`` names the adapter modules concerned.
+    """
+
+    def __init__(self, message: str, *, modules: list[str]) -> None:
+        super().__init__(message, key=modules[0] if modules else None)
+        self.modules = modules
+
+
+class MetaTensorError(LoraCkptError, RuntimeError):
+    """Parameters or buffers still on the ``meta`` device after a load (``names``): the model
+    cannot run."""
+
+    def __init__(self, message: str, *, names: list[str]) -> None:
+        super().__init__(message)
+        self.names = names
+
+
+class NotACheckpointError(LoraCkptError, ValueError):
+    """A model checkpoint was expected and an adapter was given (use ``apply_adapter``)."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str], layout: str | None = None) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+        self.layout = layout
 
 
 # -------------------------------------------------------------------------- layouts

@@ -37,6 +37,8 @@ KEY_DIALECTS: tuple[KeyDialect, ...] = (
     KeyDialect("stock", {"linear.weight": "weight", "linear.bias": "bias"}),
     KeyDialect("peft", {"linear.weight": "base_layer.weight", "linear.bias": "base_layer.bias",
                         "lora_A.weight": "lora_A.weight", "lora_B.weight": "lora_B.weight"}),
+    KeyDialect("peft-in-memory", {"linear.weight": "base_layer.weight", "linear.bias": "base_layer.bias",
+                                  "lora_A.weight": "lora_A.default.weight", "lora_B.weight": "lora_B.default.weight"}),
     KeyDialect("torchtune", {"linear.weight": "weight", "linear.bias": "bias",
                              "lora_A.weight": "lora_a.weight", "lora_B.weight": "lora_b.weight"}),
     KeyDialect("mistral-finetune", {"linear.weight": "frozen_W.weight",

@@ -7,6 +7,7 @@ test_convert_refusals.py.
 import hashlib
 import itertools
 import json
+import os
 import shutil
 from typing import get_args
 
@@ -43,6 +44,14 @@ def weight_file(d, layout):
 def read_tensors(path) -> dict[str, torch.Tensor]:
     """Independent of lora_ckpt: safetensors, or a torch pickle with weights_only."""
     path = str(path)
+    if path.endswith(".metadata"):  # a torch.distributed.checkpoint directory: its tensors, by torch's reader
+        import torch.distributed.checkpoint as dcp
+
+        reader = dcp.FileSystemReader(os.path.dirname(path))
+        entries = reader.read_metadata().state_dict_metadata
+        dcp_out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items() if hasattr(m, "chunks")}
+        dcp.load(dcp_out, storage_reader=reader, no_dist=True)
+        return dcp_out
     out = load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
     if set(out) == {"model"} and isinstance(out["model"], dict):  # LitGPT's {"model": lora tensors}
         out = out["model"]

@@ -13,7 +13,7 @@ __all__ = ["EMBEDDING_LEAVES", "IDENTITY", "LayerName", "NameMap", "Scheme", "is
 
 #: how a layout names a model's modules: HF's own paths, or one of the tables in
 #: :mod:`lora_ckpt.families.tables`
-Scheme = Literal["hf", "torchtune", "meta", "litgpt"]
+Scheme = Literal["hf", "torchtune", "meta", "litgpt", "torchtitan"]
 
 #: leaf names of token-embedding modules (LoRA on them is an embedding LoRA, ΔW transposed)
 EMBEDDING_LEAVES = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embed_in")

@@ -55,6 +55,22 @@ _LLAMA_META = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
 }
+# torchtitan (torchtitan/models/llama3/state_dict_adapter.py from_hf_map, 2026: QKVLinear's
+# attention.qkv_linear.w{q,k,v}, lm_head); q/k rows interleaved (ComplexRoPE: its to_hf permutes them).
+_LLAMA_TITAN = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.qkv_linear.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.qkv_linear.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.qkv_linear.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 # LitGPT (litgpt/scripts/convert_hf_checkpoint.py weight_map for Llama-style models). q/k/v are
 # one fused ``attn.qkv`` there: see _LLAMA_LITGPT_FUSED.
 _LLAMA_LITGPT = {
@@ -175,14 +191,15 @@ class Family:
         """Whether q/k rows are interleaved (Meta order) in this naming scheme's checkpoints."""
         if not self.rope or scheme == "hf":
             return False
-        return scheme == "meta" or (scheme == "torchtune" and self.torchtune_interleaved)
+        return scheme in ("meta", "torchtitan") or (scheme == "torchtune" and self.torchtune_interleaved)
 
 
 _LITGPT = {"litgpt": _LLAMA_LITGPT}
 _LITGPT_FUSED: dict[str, tuple[Fused, ...]] = {"litgpt": _LLAMA_LITGPT_FUSED}
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("llama", ("llama",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META, **_LITGPT}, fused=_LITGPT_FUSED),
+    Family("llama", ("llama",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META, "torchtitan": _LLAMA_TITAN, **_LITGPT},
+           fused=_LITGPT_FUSED),
     Family("mistral", ("mistral",), {"torchtune": _LLAMA_TUNE, "meta": _LLAMA_META, **_LITGPT}, fused=_LITGPT_FUSED),
     Family("mixtral", ("mixtral",), {"meta": _MIXTRAL_META}, stacked_experts=_MIXTRAL_MLX_EXPERTS),
     Family("qwen2", ("qwen2",), {"torchtune": _QWEN2_TUNE, **_LITGPT}, torchtune_interleaved=False,

@@ -16,7 +16,7 @@ INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 
 def checkpoint_files(source: PathLike) -> list[Path]:
-    """The weight files that make up a stock checkpoint (a file, or a directory).
+    """The weight files that make up a stock checkpoint (a file, a shard index, or a directory).
 
     A directory is resolved by its shard index (``*.safetensors.index.json`` first), else by
     its single weight file (safetensors preferred over a pickle of the same model).
@@ -27,7 +27,7 @@ def checkpoint_files(source: PathLike) -> list[Path]:
     """
     src = Path(source)
     if src.is_file():
-        return [src]
+        return index_shards(src) if src.name.endswith(INDEX_SUFFIXES) else [src]
     if not src.is_dir():
         raise CheckpointNotFoundError(f"{src}: no such file or directory", path=src)
     indexes = sorted(p for p in src.iterdir() if p.name.endswith(INDEX_SUFFIXES))

@@ -1,0 +1,97 @@
+"""This rank's piece of a (sharded) parameter: where it lies in the full tensor, reading exactly its
+bytes from a safetensors file, slicing it from a memory map, and wrapping it back as a DTensor.
+Used by :mod:`lora_ckpt.distributed`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .io import DTYPES
+
+__all__ = ["local_region", "read_local", "slice_local", "target_device", "wrap_local"]
+
+
+def local_region(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset) of this rank's piece of ``t`` (a DTensor), else the whole tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if isinstance(t, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return tuple(shape), tuple(offset)
+    return tuple(t.shape), (0,) * t.dim()
+
+
+def target_device(t: torch.Tensor) -> torch.device:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        kind = t.device_mesh.device_type
+        if kind == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(kind)
+    return t.device if t.device.type != "meta" else torch.device("cpu")
+
+
+def slice_local(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``full`` for parameter ``like``, copied into new memory of ``like``'s dtype."""
+    shape, offset = local_region(like)
+    piece = full[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))] if full.dim() else full
+    out = torch.empty(shape, dtype=like.dtype, device=target_device(like))
+    out.copy_(piece)
+    return out
+
+
+def read_local(header: Any, key: str, like: torch.Tensor) -> torch.Tensor | None:
+    """This rank's piece of tensor ``key`` (for parameter ``like``) read straight from the file into
+    new memory (``preadv`` of exactly its bytes: no mapped pages, no readahead into other ranks'
+    rows), when the piece is one byte range (rows of dim 0, every other dim whole); else None.
+
+    Raises:
+        CheckpointFormatError: the file ends before the tensor does.
+    """
+    info = header.tensors[key]
+    shape, offset = local_region(like)
+    if tuple(shape[1:]) != tuple(info.shape[1:]) or any(offset[1:]) or not info.shape:
+        return None
+    row = info.nbytes // info.shape[0] if info.shape[0] else 0
+    src_dtype = getattr(torch, DTYPES[info.dtype][1])
+    buf = torch.empty(shape, dtype=src_dtype)
+    want = row * shape[0]
+    if want:
+        view = _bytes_view(buf)
+        fd = os.open(header.path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < want:  # preadv may return short
+                n = os.preadv(fd, [view[got:]], info.begin + offset[0] * row + got)
+                if n <= 0:
+                    from .errors import CheckpointFormatError
+
+                    raise CheckpointFormatError(f"{header.path}: the file ends inside tensor {key!r}; it is "
+                                                "truncated", path=header.path)
+                got += n
+        finally:
+            os.close(fd)
+    device = target_device(like)
+    return buf if buf.dtype == like.dtype and device.type == "cpu" else buf.to(device=device, dtype=like.dtype)
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no numpy needed)."""
+    import ctypes
+
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def wrap_local(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(like, DTensor):
+        return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                                  shape=like.shape, stride=like.stride())
+    return local
