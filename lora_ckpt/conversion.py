@@ -241,7 +241,7 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
 
 
 def write_verified(adapter: Adapter, out: PathLike, *, to: str, base_config: PathLike | ModelConfig | None = None,
-                   dtype: torch.dtype | None = None, force: bool = False, allow_lossy: bool = False,
+                   dtype: DtypeLike | None = None, force: bool = False, allow_lossy: bool = False,
                    inputs: tuple[PathLike, ...] = (), verify_output: bool = True,
                    experts: Literal["keep", "fused", "per-expert"] = "keep") -> tuple[Adapter, VerifyReport | None]:
     """Write an in-memory adapter as ``out`` in layout ``to`` and, before the output is moved into

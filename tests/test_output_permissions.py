@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+import lora_ckpt
 import peers as P
 from lora_ckpt import hub as lhub
 from lora_ckpt.conversion import convert
@@ -70,6 +71,9 @@ def test_save_adapter_output_has_ordinary_permissions(tmp_path, umask):
     out = tmp_path / "saved"
     save_adapter(load_adapter(PEFT_LORA), out, layout="peft")
     assert_ordinary(out, umask)
+    lora_ckpt.save_adapter(load_adapter(PEFT_LORA), tmp_path / "top", layout="torchtune", dtype="bf16",
+                           base_config=LLAMA / "config.json")  # the training bridge's, through the same writer
+    assert_ordinary(tmp_path / "top", umask)
 
 
 def test_pull_output_has_ordinary_permissions(hub, tmp_path, umask):
