@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,7 +31,7 @@ from .keys import matches_target
 from .layouts import LAYOUTS, WriteOptions, detect_layout, load_adapter
 from .layouts.gguf import llamacpp_rules
 from .layouts.mlx import blocks, num_layers_refused, partial_dora, placement
-from .layouts.peft import new_config
+from .layouts.peft import peft_config_for
 
 if TYPE_CHECKING:
     from .conversion import VerifyReport
@@ -157,7 +157,8 @@ def _target(target: str) -> None:
 def _written_peft_config(adapter: Adapter) -> dict[str, Any]:
     """The adapter_config.json ``lora-ckpt convert --to peft`` would write."""
     try:
-        return new_config(adapter, WriteOptions(base_config=adapter.meta.model_config))
+        quiet = replace(adapter, meta=replace(adapter.meta, notes=[]))  # its notes are convert's, not check's
+        return peft_config_for(quiet, WriteOptions(base_config=adapter.meta.model_config), layout="peft")
     except LoraCkptError:
         return {}
 

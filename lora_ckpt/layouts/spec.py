@@ -64,6 +64,9 @@ class LayoutSpec:
     fused_lora: ClassVar[Literal["plain", "grouped"]] = "plain"
     legacy_names: ClassVar[dict[str, str]] = {}  # module template now -> older template accepted on read
     single_file: ClassVar[str | None] = None  # an output path ending in this suffix is written as one file (gguf)
+    # the layout's files keep a PEFT adapter_config.json the adapter came with (task_type, target_modules as
+    # written, modules_to_save, ...); elsewhere a conversion back to PEFT re-derives it (and a note says so)
+    keeps_peft_config: ClassVar[bool] = False
     # how the layout holds LoRA on MoE experts (lora_ckpt.experts): fused 3-D "stacked" (PEFT target_parameters),
     # "per-expert" 2-D modules (experts.{e}.gate_proj ...), or "none" (refused, or dropped with allow_lossy)
     expert_form: ClassVar[Literal["stacked", "per-expert", "none"]] = "per-expert"
