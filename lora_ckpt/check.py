@@ -32,12 +32,12 @@ from .layouts import LAYOUTS, WriteOptions, detect_layout, load_adapter
 from .layouts.gguf import llamacpp_rules
 from .layouts.mlx import blocks, num_layers_refused, partial_dora, placement
 from .layouts.peft import peft_config_for
+from .tt_export import torchtune_export
 
 if TYPE_CHECKING:
     from .conversion import VerifyReport
 
-__all__ = ["TARGETS", "CheckReport", "Finding", "check_adapter", "check_source", "misnamed_modules",
-           "torchtune_export"]
+__all__ = ["TARGETS", "CheckReport", "Finding", "check_adapter", "check_source", "misnamed_modules"]
 
 Target = Literal["peft", "vllm", "llama.cpp", "torchtune", "mlx"]
 #: target -> the layout it reads
@@ -415,24 +415,6 @@ def _mlx(adapter: Adapter, add: Any, source: str) -> None:
         refused = num_layers_refused(adapter)
         if refused:
             add(Finding("error", f"{refused}: mlx-lm refuses it", f'set "num_layers": {num_layers}'))
-
-
-def torchtune_export(root: Path, ours: Adapter) -> tuple[Path, Adapter, VerifyReport] | None:
-    """torchtune writes a PEFT-keyed copy (``adapter_model.safetensors``) beside ``adapter_model.pt``,
-    and that copy is what PEFT-format consumers read; 0.6.1's is wrong for DoRA and Qwen. The copy
-    (None if there is none), read, and how it compares with ``ours`` (read from adapter_model.pt).
-
-    Raises:
-        LoraCkptError: the copy cannot be read.
-    """
-    from .conversion import compare_adapters  # imports torch: only when there is an export to compare
-
-    export = root / "adapter_model.safetensors"
-    if not export.is_file():
-        return None
-    theirs = load_adapter(export, layout="peft", base_config=ours.meta.model_config,
-                          resolve_base_config=fetch_model_config)
-    return export, theirs, compare_adapters(ours, theirs)
 
 
 def _judge_torchtune_export(found: tuple[Path, Adapter, VerifyReport], *, target: str, source: str) -> CheckReport:
