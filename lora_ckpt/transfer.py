@@ -24,6 +24,7 @@ from torch import nn
 from .adapter import Adapter, AdapterMeta, ModuleLoRA, alpha_for
 from .checkpoint import PEFT_PREFIX
 from .distributed import any_rank, distribute_adapter, full_adapter_tensors, is_sharded, on_rank0
+from .dtypes import DtypeLike
 from .errors import (
     AdapterMismatchError,
     MergedLayerError,
@@ -97,7 +98,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 def save_adapter(model_or_adapter: nn.Module | Adapter, out: PathLike, *, layout: str = "peft",
                  base_model: str | None = None, base_config: PathLike | ModelConfig | None = None,
-                 dtype: torch.dtype | None = None, force: bool = False, allow_lossy: bool = False) -> Adapter:
+                 dtype: DtypeLike | None = None, force: bool = False, allow_lossy: bool = False) -> Adapter:
     """Write the adapter of a model (its LoRA layers), or an ``Adapter``, as directory ``out`` in any
     registered layout, verified as ``convert`` verifies: the files are read back and every module's
     update compared with the model's before ``out`` appears.
@@ -109,7 +110,7 @@ def save_adapter(model_or_adapter: nn.Module | Adapter, out: PathLike, *, layout
         base_model: ``base_model_name_or_path`` to record (default: the model config's ``name_or_path``).
         base_config: the base model's ``config.json`` for layouts that need head counts (default:
             the model's own transformers config).
-        dtype: cast the tensors (default: as trained).
+        dtype: cast the tensors, a torch dtype or its name (``"bf16"``; default: as trained).
         force: replace an existing ``out``.
         allow_lossy: drop what the layout cannot hold instead of failing.
 
@@ -148,7 +149,7 @@ def save_adapter(model_or_adapter: nn.Module | Adapter, out: PathLike, *, layout
 
 
 def _write(adapter: Adapter, out: PathLike, *, layout: str, base_config: PathLike | ModelConfig | None,
-           dtype: torch.dtype | None, force: bool, allow_lossy: bool) -> Adapter:
+           dtype: DtypeLike | None, force: bool, allow_lossy: bool) -> Adapter:
     from .conversion import one_thread, write_verified
 
     with one_thread():
