@@ -338,12 +338,13 @@ def distribute_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor]) ->
 
 def on_rank0(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only and give every rank its outcome: its return value (broadcast, so
-    keep it small: an adapter, not a model), or its :class:`~lora_ckpt.errors.LoraCkptError`,
-    re-raised on every rank (same class, message and fields). Call it on every rank. Outside a
+    keep it small: an adapter, not a model), or its error, re-raised on every rank (a
+    :class:`~lora_ckpt.errors.LoraCkptError` with the same class, message and fields; anything else
+    as a ``RuntimeError`` naming it). Call it on every rank. Outside a
     process group (or with one rank) it simply calls ``fn``.
 
     Raises:
-        LoraCkptError: whatever ``fn`` raised on rank 0.
+        LoraCkptError: what ``fn`` raised on rank 0 (other errors: ``RuntimeError`` off rank 0).
 
     Example:
         >>> written = on_rank0(lambda: write_files(...))   # every rank; rank 0 writes
@@ -356,8 +357,9 @@ def on_rank0(fn: Callable[[], T]) -> T:
     if dist.get_rank() == 0:
         try:
             payload = [("ok", fn())]
-        except LoraCkptError as e:
-            payload = [("error", (type(e).__module__, type(e).__qualname__, str(e), dict(vars(e))))]
+        except Exception as e:  # any failure reaches every rank (no rank waits on a broadcast that never comes)
+            fields = dict(vars(e)) if isinstance(e, LoraCkptError) else {}  # typed errors' fields are plain data
+            payload = [("error", (type(e).__module__, type(e).__qualname__, str(e), fields))]
             dist.broadcast_object_list(payload, src=0)
             raise
     dist.broadcast_object_list(payload, src=0)

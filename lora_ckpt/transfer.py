@@ -168,6 +168,8 @@ def apply_adapter(model: nn.Module, source: PathLike | Adapter | Mapping[str, to
     wrapped (``inject_lora``'s layers, with the adapter's rank and scale, on the base weight's
     device and dtype); LoRA layers already there are checked (rank, scale, shape) and loaded.
     Afterwards only adapters train, as after ``inject_lora``. Load the base checkpoint first.
+    On a sharded (FSDP2) model, call it on every rank: the checks are the same, then each rank
+    copies only its rows; the targets must already be LoRA layers (inject before ``fully_shard``).
 
     Args:
         model: the model, with its base weights loaded.
@@ -192,6 +194,7 @@ def apply_adapter(model: nn.Module, source: PathLike | Adapter | Mapping[str, to
             (``modules_to_save``), which lora-ckpt's layers do not hold (merge such adapters instead).
         ShapeMismatchError: an adapter module of another shape than its target.
         MetaTensorError: a target's base weight is still on ``meta``.
+        UsageError: a target of a sharded model is not a LoRA layer yet.
 
     Example:
         >>> lora_ckpt.apply_adapter(model, "hf://my-org/llama-lora")   # continue from someone's adapter
