@@ -58,7 +58,8 @@ from load import FULL, QUICK, generate  # noqa: E402  (bench/load.py's generator
 
 R, ALPHA = 16, 32
 META_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-SHAPES = [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (16384, 8192, 8192, 64)]  # bench/forward.py's
+# bench/forward.py's, then a decode shape (T <= nf4_kernels.DECODE_MAX_TOKENS: the fused NF4 kernel on CUDA)
+SHAPES = [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (16384, 8192, 8192, 64), (16, 4096, 14336, 16)]
 
 
 # ----------------------------------------------------------------------------------- load
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="", help="comma list (load: lora_ckpt,torchtune; forward: "
                     "nf4_base,lora_ckpt,torchtune,peft_bnb)")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--shapes", default="0,1,2")
+    ap.add_argument("--shapes", default="0,1,2,3")
     ap.add_argument("--token-scale", type=int, default=0)
     ap.add_argument("--iters", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=10)

@@ -10,7 +10,8 @@ Sections, in order:
   4. decode kernel sweep (T = 16, 4096 -> 14336), forward only.
   5. the layer table: frozen bf16 Linear, bf16 LoRA (``LoRALinear``), torchtune's QLoRA layer
      (``linear_nf4`` + adapter, the code of torchtune 0.6.1's ``LoRALinear.forward``), ours as a drop-in
-     ``nf4_linear`` for ``linear_nf4``, ours fused (``nf4_lora_linear``), and for the decode shape PEFT +
+     ``nf4_linear`` for ``linear_nf4``, ours fused (``nf4_lora_linear``), the integrated layer
+     (``LoRALinear(quantize_base=True)`` holding the same NF4 weight), and for the decode shape PEFT +
      bitsandbytes ``Linear4bit`` if importable; fwd+bwd (input and adapter gradients) and fwd alone,
      CUDA events, medians, variants interleaved in rounds, peak extra memory of fwd+bwd.
 
@@ -288,8 +289,14 @@ def build(t, k, n, r, n_layers, gen, decode):
         with torch.no_grad():
             lora.lora_A.weight.copy_(a)
             lora.lora_B.weight.copy_(b)
+        layer = LoRALinear.from_linear(frozen, r=r, alpha=alpha, quantize_base=True)  # the integrated layer
+        layer.linear.weight = nn.Parameter(nf4, requires_grad=False)  # the very NF4 bytes the others use
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
         row = {
             "frozen": frozen,
+            "lora_ckpt_qlora_layer": layer,
             "bf16_lora": lora,
             "torchtune_qlora": TorchtuneQLoRA(nf4, a, b, alpha, r),
             "ours_nf4_linear": OursDropIn(nf4, a, b, alpha, r),
@@ -411,6 +418,15 @@ def main(argv: list[str] | None = None) -> int:
             fr = row[kind]["frozen"]
             cells = [f"{row[kind][nm]:.3f} ({row[kind][nm] / fr:.2f}x)" if nm in row[kind] else "-" for nm in names]
             print(f"{row['shape']} | " + " | ".join(cells))
+    print("\nintegrated LoRALinear(quantize_base=True) vs the alternatives, fwd+bwd ms (ratio):")
+    print("| shape (T, in, out, r) | lora_ckpt layer | torchtune | peft+bnb | layer / torchtune | layer / peft+bnb |")
+    print("|---|---|---|---|---|---|")
+    for row in res["layers"]:
+        m = row["fwdbwd"]
+        ours, tt, pb = m.get("lora_ckpt_qlora_layer"), m.get("torchtune_qlora"), m.get("peft_bnb")
+        cells = [f"{v:.3f}" if v is not None else "-" for v in (ours, tt, pb)]
+        rat = [f"{ours / v:.2f}x" if ours is not None and v else "-" for v in (tt, pb)]
+        print(f"| {row['shape']} | " + " | ".join(cells + rat) + " |")
     print("\npeak extra MiB (fwd+bwd):")
     for row in res["layers"]:
         print(row["shape"], {k: round(v) for k, v in row["peak_MiB"].items()})

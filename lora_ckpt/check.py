@@ -5,8 +5,8 @@ Pure functions over the canonical :class:`~lora_ckpt.adapter.Adapter` and the so
 §14): refused files, and — worse — files that load and silently compute something else.
 
 Targets and the layout each reads: ``peft``, ``vllm`` and ``llama.cpp`` read PEFT directories
-(llama.cpp through ``convert_lora_to_gguf.py``), ``torchtune`` its epoch directory, ``mlx``
-mlx-lm's adapter directory.
+(llama.cpp through ``convert_lora_to_gguf.py``, or a ``.gguf`` directly: ``llamacpp_rules``),
+``torchtune`` its epoch directory, ``mlx`` mlx-lm's adapter directory.
 
 Example:
     >>> report = check_source("adapter/", target="vllm")
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,14 +29,15 @@ from .hub.client import fetch_model_config
 from .io import PathLike
 from .keys import matches_target
 from .layouts import LAYOUTS, WriteOptions, detect_layout, load_adapter
+from .layouts.gguf import llamacpp_rules
 from .layouts.mlx import blocks, num_layers_refused, partial_dora, placement
-from .layouts.peft import new_config
+from .layouts.peft import peft_config_for
+from .tt_export import torchtune_export
 
 if TYPE_CHECKING:
     from .conversion import VerifyReport
 
-__all__ = ["TARGETS", "CheckReport", "Finding", "check_adapter", "check_source", "misnamed_modules",
-           "torchtune_export"]
+__all__ = ["TARGETS", "CheckReport", "Finding", "check_adapter", "check_source", "misnamed_modules"]
 
 Target = Literal["peft", "vllm", "llama.cpp", "torchtune", "mlx"]
 #: target -> the layout it reads
@@ -126,6 +127,8 @@ def check_adapter(adapter: Adapter, *, target: str, source: str = "SRC",
     report = CheckReport(source=source, source_layout=src_layout, target=target)
     add = report.findings.append
     needs = TARGETS[target]
+    if target == "llama.cpp" and src_layout == "gguf":  # llama.cpp reads its own format directly
+        return _gguf(adapter, report, source)
     if src_layout != needs:
         add(Finding("error", f"{target} reads {needs} adapters; this one is {src_layout}",
                     f"lora-ckpt convert {source} --to {needs} -o OUT (exact, verified); the other findings apply to "
@@ -154,7 +157,8 @@ def _target(target: str) -> None:
 def _written_peft_config(adapter: Adapter) -> dict[str, Any]:
     """The adapter_config.json ``lora-ckpt convert --to peft`` would write."""
     try:
-        return new_config(adapter, WriteOptions(base_config=adapter.meta.model_config))
+        quiet = replace(adapter, meta=replace(adapter.meta, notes=[]))  # its notes are convert's, not check's
+        return peft_config_for(quiet, WriteOptions(base_config=adapter.meta.model_config), layout="peft")
     except LoraCkptError:
         return {}
 
@@ -303,16 +307,15 @@ def _vllm_experts(adapter: Adapter, add: Any, source: str) -> None:
 
 
 def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys: Collection[str]) -> None:
-    if adapter.uses_dora or _has(keys, ".lora_magnitude_vector"):
-        add(Finding("error", "DoRA: convert_lora_to_gguf.py aborts on lora_magnitude_vector",
-                    f"merge it instead: lora-ckpt merge BASE {source} -o MERGED"))
-    full = [k for k in adapter.extra if ".base_layer." not in k]
-    if full:
-        add(Finding("error", f"full tensors {quote_list(full, 3)}: convert_lora_to_gguf.py aborts ('Not a lora_A "
-                    "or lora_B tensor')", f"lora-ckpt convert {source} --to peft --allow-lossy -o OUT (the same "
-                    "function only if they equal the base weights)"))
-    if adapter.uses_bias or _has(keys, ".lora_B.bias"):
-        add(Finding("error", "lora_B.bias: convert_lora_to_gguf.py aborts on it", "merge the adapter instead"))
+    """convert_lora_to_gguf.py on a PEFT directory, judged by the rule set ``convert --to gguf`` uses."""
+    gguf, refused = f"lora-ckpt convert {source} --to gguf -o OUT.gguf", {**llamacpp_rules(adapter).refused}
+    for what, suffix in (("DoRA magnitudes", ".lora_magnitude_vector"), ("LoRA biases (lora_B.bias)", ".lora_B.bias")):
+        refused.setdefault(what, [k for k in keys if k.endswith(suffix)])  # in the file, though the config disowns
+    for what, names in ((w, n) for w, n in refused.items() if n):
+        add(Finding("error", f"{what} ({quote_list(names, 3)}): llama.cpp cannot apply them (convert_lora_to_gguf.py "
+                    "aborts on them)", f"{gguf} --allow-lossy drops them (the same function only if they equal the "
+                    "base weights)" if what.startswith("full") else f"merge it instead: lora-ckpt merge BASE {source} "
+                    "-o MERGED"))
     alpha = cfg.get("lora_alpha")
     if isinstance(alpha, (int, float)):
         ranks = adapter.ranks()
@@ -323,12 +326,22 @@ def _llamacpp(adapter: Adapter, cfg: dict[str, Any], add: Any, source: str, keys
         else:
             fix = (f"fold the per-module scales into lora_B under one rank and alpha: lora-ckpt convert {source} --to "
                    "loralib -o TMP && lora-ckpt convert TMP --to peft -o OUT (exact up to float32 rounding, verified)")
+        fix += f"; or write the GGUF directly: {gguf} (folds them into lora_b, verified)"
         bad = [n for n, m in adapter.modules.items() if not _close(alpha / m.rank, m.scale)]
         if bad:
             add(Finding("error", f"llama.cpp scales every tensor by lora_alpha/rank and ignores use_rslora and "
                         f"alpha_pattern: {len(bad)} module(s) would get another scale ({quote_list(bad, 3)})", fix))
     if not cfg.get("base_model_name_or_path"):
         add(Finding("warning", "no base_model_name_or_path: pass --base BASE_DIR to convert_lora_to_gguf.py"))
+
+
+def _gguf(adapter: Adapter, report: CheckReport, source: str) -> CheckReport:
+    """A GGUF adapter, by the rule set its writer applies (what llama.cpp's loader computes)."""
+    folded = llamacpp_rules(adapter).folded
+    whats = [n for n in adapter.meta.notes if "FLOAT32" in n] + (
+        [f"{len(folded)} module(s) have a scale other than alpha/rank ({quote_list(folded, 3)})"] if folded else [])
+    report.findings += [Finding("error", w, f"lora-ckpt convert {source} --to gguf -o OUT.gguf") for w in whats]
+    return report
 
 
 def _scales(adapter: Adapter, scale_of: Any, add: Any, why: str, source: str) -> None:
@@ -402,24 +415,6 @@ def _mlx(adapter: Adapter, add: Any, source: str) -> None:
         refused = num_layers_refused(adapter)
         if refused:
             add(Finding("error", f"{refused}: mlx-lm refuses it", f'set "num_layers": {num_layers}'))
-
-
-def torchtune_export(root: Path, ours: Adapter) -> tuple[Path, Adapter, VerifyReport] | None:
-    """torchtune writes a PEFT-keyed copy (``adapter_model.safetensors``) beside ``adapter_model.pt``,
-    and that copy is what PEFT-format consumers read; 0.6.1's is wrong for DoRA and Qwen. The copy
-    (None if there is none), read, and how it compares with ``ours`` (read from adapter_model.pt).
-
-    Raises:
-        LoraCkptError: the copy cannot be read.
-    """
-    from .conversion import compare_adapters  # imports torch: only when there is an export to compare
-
-    export = root / "adapter_model.safetensors"
-    if not export.is_file():
-        return None
-    theirs = load_adapter(export, layout="peft", base_config=ours.meta.model_config,
-                          resolve_base_config=fetch_model_config)
-    return export, theirs, compare_adapters(ours, theirs)
 
 
 def _judge_torchtune_export(found: tuple[Path, Adapter, VerifyReport], *, target: str, source: str) -> CheckReport:

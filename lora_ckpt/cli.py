@@ -14,13 +14,17 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .check import TARGETS, check_source
-from .errors import LoraCkptError, UsageError
+from .errors import LoraCkptError
 from .hub.client import pull, resolve_source
 from .layouts import layout_names
 from .report import format_report, inspect_source
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main"]
 
@@ -64,15 +68,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dtype(name: str | None):
-    if name is None:
-        return None
-    import torch  # torch-free --help and inspect
+def _dtype(name: str | None) -> torch.dtype | None:  # torch imported lazily: --help and inspect stay torch-free
+    """``--dtype``: the one dtype parser (bf16, fp16, fp32, the long names)."""
+    from .dtypes import parse_dtype  # imports torch once a dtype is given
 
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise UsageError(f"--dtype {name!r} is not a torch dtype; expected e.g. float32, bfloat16, float16")
-    return dt
+    return parse_dtype(name)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -184,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="adapter directory or file (or hf://...)")
     p.add_argument("--to", required=True, choices=LAYOUT_NAMES, help="target layout: " + ", ".join(LAYOUT_NAMES))
-    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument("-o", "--output", required=True, help="output directory, or a .gguf file for --to gguf "
+                   "(written atomically)")
     common(p)
-    p.add_argument("--dtype", help="cast tensors (default: keep the source dtype)")
+    p.add_argument("--dtype", help="cast tensors: bf16, fp16, fp32 (or bfloat16, ...; default: keep the source's)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--allow-lossy", action="store_true", help="drop what the target cannot hold (named in a warning)")
     p.add_argument("--no-verify", action="store_true", help="skip reading the output back")
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter in any layout (or hf://...)")
     p.add_argument("-o", "--output", required=True)
     common(p)
-    p.add_argument("--dtype", help="output dtype (default: the base's)")
+    p.add_argument("--dtype", help="output dtype: bf16, fp16, fp32 (or bfloat16, ...; default: the base's)")
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--to", default="hf", choices=["hf", "torchtune", "meta"], help="key layout of the output")
     p.add_argument("--untie", action="store_true", help="untie lm_head from embed_tokens when the adapter "
@@ -267,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fixture", nargs="?", default="fixtures/demo", help="directory with params.json and "
                    "consolidated.safetensors (default: fixtures/demo)")
     p.set_defaults(handler=_cmd_demo)
+    for p in sub.choices.values():  # the global options after the subcommand too (SUPPRESS: unset keeps the global)
+        g = p.add_argument_group("global options")
+        g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -286,7 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         os.environ["TQDM_DISABLE"] = "1"
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:  # `lora-ckpt inspect ... | head`: the reader is gone; exit quietly, as git does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
     except LoraCkptError as e:
         if args.debug:
             raise

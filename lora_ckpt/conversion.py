@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from .adapter import Adapter, ModuleLoRA
+from .dtypes import DtypeLike, parse_dtype
 from .errors import VerificationError, quote_list
 from .experts import per_expert_view
 from .families import ModelConfig
@@ -197,7 +198,7 @@ class ConvertResult:
 
 def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = None,
             base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
-            dtype: torch.dtype | None = None, force: bool = False, allow_lossy: bool = False,
+            dtype: DtypeLike | None = None, force: bool = False, allow_lossy: bool = False,
             verify_output: bool = True, experts: Literal["keep", "fused", "per-expert"] = "keep") -> ConvertResult:
     """Convert an adapter between layouts, exactly, and verify the output by reading it back.
 
@@ -208,7 +209,7 @@ def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = Non
         from_: source layout name (detected when None).
         base_config: base model ``config.json`` / ``params.json`` (head counts, family).
         alpha: alpha for sources that do not record it (loralib).
-        dtype: cast tensors (default: keep the source dtype).
+        dtype: cast tensors: a torch dtype or a name (``"bf16"``, ``"float16"``; default: keep the source dtype).
         force: replace an existing ``out``.
         allow_lossy: drop what the target cannot hold instead of failing.
         verify_output: re-read ``out`` and compare it with the source.
@@ -222,8 +223,9 @@ def convert(source: PathLike, out: PathLike, *, to: str, from_: str | None = Non
         >>> convert("peft_dir", "tt_dir", to="torchtune", base_config="llama/config.json")
     """
     with one_thread():
-        return _convert(source, out, to=to, from_=from_, base_config=base_config, alpha=alpha, dtype=dtype,
-                        force=force, allow_lossy=allow_lossy, verify_output=verify_output, experts=experts)
+        return _convert(source, out, to=to, from_=from_, base_config=base_config, alpha=alpha,
+                        dtype=parse_dtype(dtype), force=force, allow_lossy=allow_lossy, verify_output=verify_output,
+                        experts=experts)
 
 
 def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, base_config: PathLike | ModelConfig | None,
@@ -239,7 +241,7 @@ def _convert(source: PathLike, out: PathLike, *, to: str, from_: str | None, bas
 
 
 def write_verified(adapter: Adapter, out: PathLike, *, to: str, base_config: PathLike | ModelConfig | None = None,
-                   dtype: torch.dtype | None = None, force: bool = False, allow_lossy: bool = False,
+                   dtype: DtypeLike | None = None, force: bool = False, allow_lossy: bool = False,
                    inputs: tuple[PathLike, ...] = (), verify_output: bool = True,
                    experts: Literal["keep", "fused", "per-expert"] = "keep") -> tuple[Adapter, VerifyReport | None]:
     """Write an in-memory adapter as ``out`` in layout ``to`` and, before the output is moved into
@@ -290,6 +292,10 @@ def write_verified(adapter: Adapter, out: PathLike, *, to: str, base_config: Pat
             raise VerificationError(f"{out}: the written {to} adapter does not reproduce the source "
                                     f"({report.summary()}); nothing was written; please report this")
 
+    if adapter.meta.config.get("peft_type") and not get_layout(to).keeps_peft_config:
+        adapter.meta.notes.append(f"{to} keeps no PEFT adapter_config.json: converting back to PEFT re-derives "
+                                  "it (task_type, target_modules and modules_to_save as written, revision and init "
+                                  "options are not kept)")
     written = save_adapter(adapter, out, layout=to, base_config=base_config, force=force, allow_lossy=allow_lossy,
                            dtype=dtype, inputs=inputs, check=check if verify_output else None, experts=experts)
     return written, reports[0] if reports else None

@@ -12,8 +12,9 @@ The bridge then works rank by rank, with no collective until the adapter is gath
 - :func:`model_state_dict` maps a stock state dict to the model's keys, for torch's own
   ``set_model_state_dict(..., StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))``.
 - :func:`full_adapter_tensors` gathers only the adapter parameters (never the base);
-  :func:`save_adapter` writes them once, on rank 0, in any layout; :func:`distribute_adapter`
-  puts an adapter's rows into a sharded model.
+  :func:`distribute_adapter` puts an adapter's rows into a sharded model; :func:`on_rank0` runs
+  a step (a write) once and gives every rank its outcome. The top-level
+  :func:`lora_ckpt.save_adapter` and :func:`lora_ckpt.apply_adapter` use them for a sharded model.
 
 Collectives run on the default process group and use its timeout (``init_process_group(timeout=)``).
 Bad input is found from the files alone, before any collective, so every rank raises the same
@@ -24,10 +25,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -37,7 +38,6 @@ from .errors import (
     IncompleteAdapterError,
     KeyMismatchError,
     LoraCkptError,
-    OutputExistsError,
     ShapeMismatchError,
     quote_list,
 )
@@ -53,10 +53,12 @@ from .keys import ADAPTER_PARAMS, ALIASES
 from .layer import LoRALinear, draw_lora_A
 from .shards import local_region, read_local, slice_local, target_device, wrap_local
 
-__all__ = ["KeyPlan", "distribute_adapter", "full_adapter_tensors", "is_sharded", "load_sharded", "map_keys",
-           "model_state_dict", "save_adapter"]
+__all__ = ["KeyPlan", "any_rank", "distribute_adapter", "full_adapter_tensors", "is_sharded", "load_sharded",
+           "map_keys", "model_state_dict", "on_rank0"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: every (dialect suffix, our LoRALinear parameter) pair, in the dialect table's order
 _SUFFIXES = [(theirs, ours) for ours, all_theirs in ALIASES.items() for theirs in all_theirs]
@@ -334,35 +336,39 @@ def distribute_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor]) ->
     return done
 
 
-def _adapter_from_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], base_model: str | None) -> Any:
-    from .adapter import Adapter, AdapterMeta, ModuleLoRA
+def on_rank0(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and give every rank its outcome: its return value (broadcast, so
+    keep it small: an adapter, not a model), or its error, re-raised on every rank (a
+    :class:`~lora_ckpt.errors.LoraCkptError` with the same class, message and fields; anything else
+    as a ``RuntimeError`` naming it). Call it on every rank. Outside a
+    process group (or with one rank) it simply calls ``fn``.
 
-    modules = {prefix[:-1]: ModuleLoRA(A=tensors[prefix + "lora_A.weight"], B=tensors[prefix + "lora_B.weight"],
-                                       scale=layer.scaling)
-               for prefix, layer in _lora_layers(model).items()}
-    return Adapter(modules=modules, extra={}, meta=AdapterMeta(base_model=base_model, source_layout="native",
-                                                               task_type="CAUSAL_LM"))
+    Raises:
+        LoraCkptError: what ``fn`` raised on rank 0 (other errors: ``RuntimeError`` off rank 0).
 
-
-def _broadcast_outcome(error: BaseException | None) -> None:
-    """Rank 0's outcome to every rank: each re-raises rank 0's error (same class, message, fields)."""
+    Example:
+        >>> written = on_rank0(lambda: write_files(...))   # every rank; rank 0 writes
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        if error is not None:
-            raise error
-        return
+        return fn()
     payload: list[Any] = [None]
-    if dist.get_rank() == 0 and error is not None:
-        payload = [(type(error).__module__, type(error).__qualname__, str(error), dict(vars(error)))]
-    dist.broadcast_object_list(payload, src=0)
     if dist.get_rank() == 0:
-        if error is not None:
-            raise error
-        return
-    if payload[0] is None:
-        return
-    module, qualname, message, fields = payload[0]
+        try:
+            payload = [("ok", fn())]
+        except Exception as e:  # any failure reaches every rank (no rank waits on a broadcast that never comes)
+            fields = dict(vars(e)) if isinstance(e, LoraCkptError) else {}  # typed errors' fields are plain data
+            payload = [("error", (type(e).__module__, type(e).__qualname__, str(e), fields))]
+            dist.broadcast_object_list(payload, src=0)
+            raise
+    dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if kind == "ok":
+        return value
+    module, qualname, message, fields = value
+    if dist.get_rank() == 0:  # pragma: no cover - rank 0 re-raised above
+        raise RuntimeError(message)
     import importlib
 
     cls = getattr(importlib.import_module(module), qualname, None)
@@ -373,37 +379,13 @@ def _broadcast_outcome(error: BaseException | None) -> None:
     raise raised if raised is not None else RuntimeError(f"rank 0: {qualname}: {message}")
 
 
-def save_adapter(model: nn.Module, out: PathLike, *, layout: str = "peft", base_model: str | None = None,
-                 base_config: PathLike | None = None, force: bool = False) -> Path:
-    """Write the adapter of a (sharded) LoRA model as ``out`` in ``layout``, once, on rank 0.
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (one all-reduce; ``flag`` itself outside a process group),
+    so that a per-rank finding (a shard that changes) gives every rank the same decision."""
+    import torch.distributed as dist
 
-    Call it on every rank: the output is checked on each (an existing ``out`` without ``force`` fails
-    everywhere, before any collective), only the adapter parameters are gathered, rank 0 writes
-    atomically, and its outcome is shared, so every rank returns or raises the same.
-
-    Returns:
-        ``out`` as a Path.
-
-    Raises:
-        OutputExistsError: ``out`` exists and not ``force`` (on every rank).
-        LoraCkptError: whatever the layout writer raises on rank 0 (re-raised on every rank).
-
-    Example:
-        >>> save_adapter(model, "out/adapter", layout="peft", base_model="meta-llama/Llama-3.2-1B")
-    """
-    from .layouts import save_adapter as write_layout
-
-    target = Path(out)
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target.absolute()}: exists; pass --force (force=True) to replace it",
-                                path=target.absolute())
-    tensors = full_adapter_tensors(model)
-    error: BaseException | None = None
-    if _is_rank0():
-        try:
-            write_layout(_adapter_from_tensors(model, tensors, base_model), target, layout=layout,
-                         base_config=base_config, force=force)
-        except LoraCkptError as e:
-            error = e
-    _broadcast_outcome(error)
-    return target
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .adapter import Adapter, ModuleLoRA
 from .conversion import one_thread
+from .dtypes import DtypeLike, parse_dtype
 from .errors import CheckpointFormatError, ConversionError, LoraCkptError, MissingConfigError, UsageError, quote_list
 from .experts import ExpertLoRA, join_experts, split_experts
 from .families import ModelConfig, load_model_config, model_config_from_dict
@@ -323,7 +324,7 @@ class _Planner:
 
 
 def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike, *,
-                     dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB", to: Target = "hf",
+                     dtype: DtypeLike | None = None, max_shard_size: int | str = "5GB", to: Target = "hf",
                      base_config: PathLike | ModelConfig | None = None, alpha: float | None = None,
                      force: bool = False, untie: bool = False, progress: bool = True) -> MergeResult:
     """Merge ``adapter`` into the base checkpoint ``base``, streaming, and write the result to ``out``.
@@ -337,7 +338,7 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
             tokenizer files) or a single ``.safetensors`` file.
         adapter: an adapter directory/file in any supported layout, or an :class:`Adapter`.
         out: the output directory.
-        dtype: output dtype of floating tensors (default: each tensor keeps the base's).
+        dtype: output dtype of floating tensors, or its name (``"bf16"``; default: each keeps the base's).
         max_shard_size: largest shard (``"5GB"``, ``"500MB"``, ``"2GiB"``, bytes); ``to="hf"`` only.
         to: parameter names of the output: ``"hf"``, ``"torchtune"`` or ``"meta"`` (module docstring).
         base_config: the base's ``config.json``/``params.json`` (default: ``config.json`` in ``base``).
@@ -364,6 +365,7 @@ def merge_checkpoint(base: PathLike, adapter: PathLike | Adapter, out: PathLike,
     t0 = time.perf_counter()
     if to not in ("hf", "torchtune", "meta"):
         raise UsageError(f"to={to!r}; expected one of hf, torchtune, meta")
+    dtype = parse_dtype(dtype)  # "bf16", "float16", torch.bfloat16, ...
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
                               or dtype not in _CODE):
         raise UsageError(f"dtype {dtype!r} is not a floating-point dtype safetensors can hold; expected e.g. "

@@ -14,8 +14,9 @@ does. Checkpoints written from a quantized model are therefore stock-shaped.
 torchao is optional (``pip install lora-ckpt[nf4]``); it is imported on first use, and its absence is a
 :class:`~lora_ckpt.errors.MissingDependencyError`.
 
-GPU kernels plug in at one place: :func:`dequantize` (used by the forward and the backward of every
-quantized layer).
+GPU kernels (``lora_ckpt.nf4_kernels``, Triton) plug in at two places: :func:`dequantize` (every quantized
+forward and backward) and the QLoRA forward's base product, which for up to ``DECODE_MAX_TOKENS`` tokens
+accumulates ``x·Wᵀ`` with the fused decode kernel and never materialises ``W``. On CPU neither is used.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextvars
 import importlib
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -61,7 +63,7 @@ _TORCHAO_MODULES = ("torchao.dtypes.nf4tensor", "torchao.quantization.nf4tensor"
                     "torchao.dtypes")
 _torchao_ns: SimpleNamespace | None = None
 _release = contextvars.ContextVar("lora_ckpt_nf4_release_pages", default=False)
-_kernel: Any = None  # the CUDA dequantize kernel, resolved on first CUDA call (False: none)
+_kernel: Any = None  # lora_ckpt.nf4_kernels, imported on the first CUDA call (False: not importable)
 
 
 def _torchao() -> SimpleNamespace:
@@ -221,18 +223,24 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     and backward. On CUDA it uses ``lora_ckpt.nf4_kernels.dequantize(weight, dtype)`` when that module
     exists (the Triton kernel, bit-identical to torchao); otherwise :func:`dequantize_reference`. Plain
     tensors are cast."""
-    global _kernel
     if not is_nf4(weight):
         return weight.to(dtype)
-    if weight.device.type == "cuda":
-        if _kernel is None:
-            try:
-                _kernel = importlib.import_module(".nf4_kernels", __package__).dequantize
-            except (ImportError, AttributeError):
-                _kernel = False
-        if _kernel:
-            return _kernel(weight, dtype)
-    return dequantize_reference(weight, dtype)
+    kernels = _kernels(weight.device)
+    return kernels.dequantize(weight, dtype) if kernels else dequantize_reference(weight, dtype)
+
+
+def _kernels(device: torch.device) -> Any:
+    """``lora_ckpt.nf4_kernels`` when its Triton kernels serve ``device`` (CUDA, or any device under
+    ``TRITON_INTERPRET=1``), else None: then the CPU path, unchanged (the module is not even imported)."""
+    global _kernel
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    if _kernel is None:
+        try:
+            _kernel = importlib.import_module(".nf4_kernels", __package__)
+        except ImportError:  # torchao or triton absent
+            _kernel = False
+    return _kernel if _kernel and _kernel.triton_enabled(device) else None
 
 
 @torch.no_grad()
@@ -291,7 +299,11 @@ class _QLoRAFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         hs = torch.mm(x2, a.t()).mul_(s)
         out = torch.mm(hs, b.t()) if bias is None else torch.addmm(bias, hs, b.t())
-        out.addmm_(x2, dequantize(weight, x.dtype).t())
+        kernels = _kernels(weight.device) if is_nf4(weight) else None
+        if kernels:  # out += x·deq(W)ᵀ; up to DECODE_MAX_TOKENS tokens without materialising deq(W)
+            kernels.addmm_nf4_(out, x2, weight)
+        else:
+            out.addmm_(x2, dequantize(weight, x.dtype).t())
         ctx.save_for_backward(x, weight, a, b, hs)
         ctx.s = s
         return out.view(*x.shape[:-1], weight.shape[0])

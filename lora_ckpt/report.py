@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter
-from .check import misnamed_modules, torchtune_export
+from .check import misnamed_modules
 from .errors import LoraCkptError, MissingConfigError, UnknownLayoutError, quote_list
 from .families import ModelConfig, load_model_config
 from .hub.client import fetch_model_config
@@ -26,6 +26,7 @@ from .io import (
 )
 from .keys import LEAF_ROLES, TRANSPOSED_LEAVES, split_key
 from .layouts import detect_layout, load_adapter, read_detected
+from .tt_export import torchtune_export
 
 __all__ = ["AdapterReport", "CheckpointReport", "format_report", "inspect_checkpoint", "inspect_source"]
 

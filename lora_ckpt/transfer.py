@@ -16,18 +16,23 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .adapter import Adapter, AdapterMeta, ModuleLoRA, alpha_for
 from .checkpoint import PEFT_PREFIX
+from .distributed import any_rank, distribute_adapter, full_adapter_tensors, is_sharded, on_rank0
+from .dtypes import DtypeLike
 from .errors import (
     AdapterMismatchError,
     MergedLayerError,
     MetaTensorError,
+    OutputExistsError,
     ShapeMismatchError,
     UnsupportedAdapterError,
+    UsageError,
     quote_list,
 )
 from .families import ModelConfig, model_config_from_dict
@@ -35,6 +40,7 @@ from .inject import lora_class_for, lora_modules, mark_only_lora_trainable
 from .io import PathLike
 from .keys import split_key
 from .layer import LoRALinear
+from .shards import slice_local
 
 __all__ = ["adapter_from_model", "apply_adapter", "save_adapter"]
 
@@ -49,7 +55,8 @@ _B_LEAVES = ("lora_B.weight", "lora_b.weight", "lora_B", "lora_b", "B.weight", "
 # ----------------------------------------------------------------------- model -> files
 def adapter_from_model(model: nn.Module, *, base_model: str | None = None) -> Adapter:
     """The canonical adapter of every LoRA layer of ``model`` (module names as in the model,
-    tensors detached on the CPU, each module's own scale).
+    tensors detached on the CPU, each module's own scale). On a sharded (FSDP2) model, call it on
+    every rank: each adapter is gathered (never the base) and every rank gets the full adapter.
 
     Raises:
         AdapterMismatchError: the model has no LoRA layer.
@@ -68,8 +75,13 @@ def adapter_from_model(model: nn.Module, *, base_model: str | None = None) -> Ad
     if on_meta:
         raise MetaTensorError(f"adapter(s) of {quote_list(on_meta)} are on the meta device; load the model "
                               "(lora_ckpt.load_checkpoint) before saving its adapter", names=on_meta)
-    modules = {n: ModuleLoRA(A=_cpu(m.lora_A.weight), B=_cpu(m.lora_B.weight), scale=m.scaling,
-                             fan_in_fan_out=m.fan_in_fan_out) for n, m in layers.items()}
+    if is_sharded(model):  # every rank gathers each adapter (a collective per tensor, in model order)
+        full = full_adapter_tensors(model, rank0_only=False)
+        factors = {n: (full[f"{n}.lora_A.weight"], full[f"{n}.lora_B.weight"]) for n in layers}
+    else:
+        factors = {n: (_cpu(m.lora_A.weight), _cpu(m.lora_B.weight)) for n, m in layers.items()}
+    modules = {n: ModuleLoRA(A=factors[n][0], B=factors[n][1], scale=m.scaling, fan_in_fan_out=m.fan_in_fan_out)
+               for n, m in layers.items()}
     config = getattr(model, "config", None)
     model_config = _model_config(model)
     name_or_path = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
@@ -86,7 +98,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 def save_adapter(model_or_adapter: nn.Module | Adapter, out: PathLike, *, layout: str = "peft",
                  base_model: str | None = None, base_config: PathLike | ModelConfig | None = None,
-                 dtype: torch.dtype | None = None, force: bool = False, allow_lossy: bool = False) -> Adapter:
+                 dtype: DtypeLike | None = None, force: bool = False, allow_lossy: bool = False) -> Adapter:
     """Write the adapter of a model (its LoRA layers), or an ``Adapter``, as directory ``out`` in any
     registered layout, verified as ``convert`` verifies: the files are read back and every module's
     update compared with the model's before ``out`` appears.
@@ -98,12 +110,16 @@ def save_adapter(model_or_adapter: nn.Module | Adapter, out: PathLike, *, layout
         base_model: ``base_model_name_or_path`` to record (default: the model config's ``name_or_path``).
         base_config: the base model's ``config.json`` for layouts that need head counts (default:
             the model's own transformers config).
-        dtype: cast the tensors (default: as trained).
+        dtype: cast the tensors, a torch dtype or its name (``"bf16"``; default: as trained).
         force: replace an existing ``out``.
         allow_lossy: drop what the layout cannot hold instead of failing.
 
     Returns:
         The adapter as written (ranks padded, scales folded where the layout required it).
+
+    On a sharded (FSDP2) model, call it on every rank: an existing ``out`` is refused on every rank
+    before any collective, only the adapter parameters are gathered, rank 0 writes and verifies,
+    and every rank returns rank 0's result or raises rank 0's error.
 
     Raises:
         AdapterMismatchError, MergedLayerError, MetaTensorError: the model holds no saveable adapter.
@@ -114,15 +130,28 @@ def save_adapter(model_or_adapter: nn.Module | Adapter, out: PathLike, *, layout
     Example:
         >>> lora_ckpt.save_adapter(model, "out/", layout="peft")   # loads in PeftModel.from_pretrained
     """
-    from .conversion import one_thread, write_verified
-
     if isinstance(model_or_adapter, Adapter):
         adapter = model_or_adapter
         if base_model:  # also in a kept original config (a PEFT source's is rewritten as it was)
             config = {**adapter.meta.config, "base_model_name_or_path": base_model} if adapter.meta.config else {}
             adapter = replace(adapter, meta=replace(adapter.meta, base_model=base_model, config=config))
+    elif is_sharded(model_or_adapter):  # every rank: refuse before any collective, gather, rank 0 writes
+        if Path(out).exists() and not force:
+            raise OutputExistsError(f"{Path(out).absolute()}: exists; pass --force (force=True) to replace it",
+                                    path=Path(out).absolute())
+        adapter = adapter_from_model(model_or_adapter, base_model=base_model)
+        return on_rank0(lambda: _write(adapter, out, layout=layout, base_config=base_config, dtype=dtype,
+                                       force=force, allow_lossy=allow_lossy))
     else:
         adapter = adapter_from_model(model_or_adapter, base_model=base_model)
+    return _write(adapter, out, layout=layout, base_config=base_config, dtype=dtype, force=force,
+                  allow_lossy=allow_lossy)
+
+
+def _write(adapter: Adapter, out: PathLike, *, layout: str, base_config: PathLike | ModelConfig | None,
+           dtype: DtypeLike | None, force: bool, allow_lossy: bool) -> Adapter:
+    from .conversion import one_thread, write_verified
+
     with one_thread():
         written, report = write_verified(adapter, out, to=layout, base_config=base_config or adapter.meta.model_config,
                                          dtype=dtype, force=force, allow_lossy=allow_lossy)
@@ -139,6 +168,8 @@ def apply_adapter(model: nn.Module, source: PathLike | Adapter | Mapping[str, to
     wrapped (``inject_lora``'s layers, with the adapter's rank and scale, on the base weight's
     device and dtype); LoRA layers already there are checked (rank, scale, shape) and loaded.
     Afterwards only adapters train, as after ``inject_lora``. Load the base checkpoint first.
+    On a sharded (FSDP2) model, call it on every rank: the checks are the same, then each rank
+    copies only its rows; the targets must already be LoRA layers (inject before ``fully_shard``).
 
     Args:
         model: the model, with its base weights loaded.
@@ -163,6 +194,7 @@ def apply_adapter(model: nn.Module, source: PathLike | Adapter | Mapping[str, to
             (``modules_to_save``), which lora-ckpt's layers do not hold (merge such adapters instead).
         ShapeMismatchError: an adapter module of another shape than its target.
         MetaTensorError: a target's base weight is still on ``meta``.
+        UsageError: a target of a sharded model is not a LoRA layer yet.
 
     Example:
         >>> lora_ckpt.apply_adapter(model, "hf://my-org/llama-lora")   # continue from someone's adapter
@@ -188,12 +220,25 @@ def apply_adapter(model: nn.Module, source: PathLike | Adapter | Mapping[str, to
                                    f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}; inject with the "
                                    "adapter's rank and alpha, or pass strict=False to pad ranks and fold scales "
                                    "(exact)", modules=sorted(problems))
+    sharded = is_sharded(model)
+    unwrapped = [name for name in plan if name not in layers]
+    if sharded and unwrapped:
+        raise UsageError(f"{quote_list(unwrapped)} of the sharded {type(model).__name__} are not LoRA layers, and a "
+                         "module cannot be wrapped after fully_shard; inject_lora (with the adapter's rank and alpha) "
+                         "before fully_shard, then apply the adapter")
     changed = [name for name, m in plan.items() if name not in layers or not _holds(layers[name], m)]
+    if sharded and any_rank(bool(changed)) and not changed:  # this rank's rows hold it, another's do not
+        changed = list(plan)
     if not changed:
         raise AdapterMismatchError(
             f"applying this adapter to {type(model).__name__} would change nothing: "
             + (f"its {len(plan)} module(s) are already loaded with exactly these values" if plan else
                "none of its modules has a target") + "; nothing to do", modules=sorted(plan) or absent)
+    if sharded:  # each rank copies its rows; no collective
+        distribute_adapter(model, {f"{name}.{leaf}": t for name, m in plan.items()
+                                   for leaf, t in (("lora_A.weight", m.A), ("lora_B.weight", m.B))})
+        logger.info("apply_adapter: %d module(s) applied to the sharded model", len(plan))
+        return list(plan)
     wrapped = False
     for name, m in plan.items():
         layer = layers.get(name)
@@ -317,8 +362,11 @@ def _fit(name: str, m: ModuleLoRA, layer: LoRALinear | None, module: nn.Module, 
 
 
 def _holds(layer: LoRALinear, m: ModuleLoRA) -> bool:
-    a, b = layer.lora_A.weight, layer.lora_B.weight
-    return bool(torch.equal(a, m.A.to(a.device, a.dtype)) and torch.equal(b, m.B.to(b.device, b.dtype)))
+    """Whether the layer already holds ``m`` (on a sharded layer: this rank's rows of it)."""
+    pairs = ((layer.lora_A.weight, m.A), (layer.lora_B.weight, m.B))
+    if is_sharded(layer):
+        return all(bool(torch.equal(p.to_local(), slice_local(t, p))) for p, t in pairs)  # type: ignore[attr-defined]
+    return all(bool(torch.equal(p, t.to(p.device, p.dtype))) for p, t in pairs)
 
 
 def _wrap(model: nn.Module, name: str, m: ModuleLoRA) -> LoRALinear:

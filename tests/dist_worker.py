@@ -143,36 +143,51 @@ def main() -> None:
 
     check("adamw_step", adamw_step)
 
-    def save_adapter_once():
+    def save_adapter_once():  # the top-level save_adapter, on every rank, == the single-process adapter
+        import lora_ckpt
+        from lora_ckpt.transfer import adapter_from_model
+
         out = work / "sharded_peft"
-        ld.save_adapter(sharded, out, layout="peft")
+        written = lora_ckpt.save_adapter(sharded, out, layout="peft")
         files = sorted(p.name for p in out.iterdir())
-        return "adapter_model.safetensors" in files, f"files {files}"
+        ref = adapter_from_model(single).modules
+        worst = max(max((m.A.double() - ref[n].A.double()).abs().max().item(),
+                        (m.B.double() - ref[n].B.double()).abs().max().item()) for n, m in written.modules.items())
+        return ("adapter_model.safetensors" in files and sorted(written.modules) == sorted(ref) and worst <= 1e-6,
+                f"files {files}; modules {len(written.modules)} vs {len(ref)}; max |Δ| vs one process {worst:.3g}")
 
     check("save_adapter", save_adapter_once)
 
     def save_exists():
         try:
-            ld.save_adapter(sharded, work / "sharded_peft", layout="peft")
+            import lora_ckpt
+
+            lora_ckpt.save_adapter(sharded, work / "sharded_peft", layout="peft")
         except Exception as e:
             return type(e).__name__ == "OutputExistsError", f"{type(e).__name__}: {e}"
         return False, "no error"
 
     check("save_exists", save_exists)
 
-    def distribute():
-        from lora_ckpt import load_adapter
+    def distribute():  # the top-level apply_adapter on the sharded model == on one process
+        from lora_ckpt import apply_adapter
 
         fresh = shard(empty_lora_model(seed=5), mesh)
         load_checkpoint(fresh, stock)
-        adapter = load_adapter(work / "sharded_peft")
-        tensors = {f"{n}.{leaf}": t for n, m in adapter.modules.items()
-                   for leaf, t in (("lora_A.weight", m.A), ("lora_B.weight", m.B))}
-        names = ld.distribute_adapter(fresh, tensors)
-        got, ref = full_state(fresh), full_state(sharded)
-        bad = bitwise_diff({k: v for k, v in got.items() if "lora_" in k},
-                           {k: v for k, v in ref.items() if "lora_" in k})
-        return not bad and len(names) == 14, f"differ: {bad[:4]}; {len(names)} layers"
+        names = apply_adapter(fresh, work / "sharded_peft")
+        one = empty_lora_model(seed=5)
+        load_checkpoint(one, stock)
+        apply_adapter(one, work / "sharded_peft")
+        got, ref = full_state(fresh), full_state(one)
+        bad = bitwise_diff(got, ref) + bitwise_diff({k: v for k, v in got.items() if "lora_" in k},
+                                                    {k: v for k, v in full_state(sharded).items() if "lora_" in k})
+        try:
+            apply_adapter(fresh, work / "sharded_peft")
+            again = "no error"
+        except Exception as e:  # every rank: nothing would change
+            again = type(e).__name__
+        return (not bad and len(names) == 14 and again == "AdapterMismatchError",
+                f"differ: {bad[:4]}; {len(names)} layers; applied twice: {again}")
 
     check("distribute_adapter", distribute)
 

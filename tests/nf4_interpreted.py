@@ -145,3 +145,49 @@ def test_lora_linear_decode_and_training(tokens):
 
 def test_kernels_serve_cpu_under_interpreter():
     assert K.triton_enabled("cpu")
+
+
+@pytest.mark.parametrize("tokens", [4, 40])
+def test_quantized_lora_layer_takes_the_kernels_and_equals_the_cpu_path(monkeypatch, tokens):
+    """LoRALinear(quantize_base=True) dispatches as on CUDA (the interpreter serves CPU tensors like CUDA
+    ones): up to DECODE_MAX_TOKENS tokens the forward is the fused addmm_nf4_ (no dequantization), more
+    tokens the dequant kernel; the backward dequantizes with the kernel. Against the plain CPU path of
+    the same layer: gradients bit-identical; the output bit-identical through the dequant kernel, within
+    one rounding through the fused one."""
+    from lora_ckpt import nf4
+    from lora_ckpt.layer import LoRALinear
+
+    torch.manual_seed(tokens)
+    layer = LoRALinear(256, 64, r=8, alpha=16.0, dtype=BF16, quantize_base=True)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(tokens, 256, dtype=BF16)
+    g = torch.randn(tokens, 64, dtype=BF16)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        return y, torch.autograd.grad(y, (xi, layer.lora_A.weight, layer.lora_B.weight), g)
+
+    calls = {"addmm_nf4_": 0, "dequantize": 0}
+    for name in calls:
+        fn = getattr(K, name)
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(K, name, counted)
+    y, grads = run()
+    assert calls == {"addmm_nf4_": 1, "dequantize": 1 if tokens <= K.DECODE_MAX_TOKENS else 2}, calls
+    with monkeypatch.context() as m:
+        m.setattr(nf4, "_kernels", lambda device: None)  # the CPU path, as without the interpreter
+        y_cpu, grads_cpu = run()
+    assert calls["addmm_nf4_"] == 1
+    for ours, ref in zip(grads, grads_cpu, strict=True):
+        assert torch.equal(ours, ref)
+    if tokens > K.DECODE_MAX_TOKENS:
+        assert torch.equal(y, y_cpu)
+    else:
+        assert not torch.equal(y, torch.zeros_like(y))
+        assert ((y.double() - y_cpu.double()).norm() / y_cpu.double().norm()).item() < 4e-3

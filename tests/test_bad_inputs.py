@@ -360,7 +360,7 @@ def _(tmp):
 
 
 @add
-@case("bad-dtype", E.UsageError, "not a torch dtype", convert_to("peft", "--dtype", "float33"))
+@case("bad-dtype", E.UsageError, "not a floating-point dtype", convert_to("peft", "--dtype", "float33"))
 def _(tmp):
     return _peft_dir(tmp / "a")
 

@@ -42,8 +42,14 @@ def weight_file(d, layout):
 
 
 def read_tensors(path) -> dict[str, torch.Tensor]:
-    """Independent of lora_ckpt: safetensors, or a torch pickle with weights_only."""
+    """Independent of lora_ckpt: safetensors, GGUF (gguf-py's reader), or a torch pickle with weights_only."""
     path = str(path)
+    if path.endswith(".gguf"):
+        import gguf
+
+        kinds = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        return {t.name: torch.frombuffer(bytearray(t.data.tobytes()), dtype=kinds[t.tensor_type.name])
+                .reshape([int(d) for d in reversed(t.shape)]) for t in gguf.GGUFReader(path).tensors}
     if path.endswith(".metadata"):  # a torch.distributed.checkpoint directory: its tensors, by torch's reader
         import torch.distributed.checkpoint as dcp
 
@@ -104,21 +110,25 @@ HOLDS = {f: holds(f) for f in PEFT_FIXTURES}
 FIXED_SCALE = [name for name, lay in LAYOUTS.items() if lay.scale_policy is ScalePolicy.FIXED]
 #: via these, tensors cannot stay byte-identical: one rank/scale (patterns padded and folded) or
 #: llmbook's fixed scale 1 (alpha/r = 2 folded into B)
-FUNCTION_ONLY = {("llama-rslora-patterns", v) for v in ALL if LAYOUTS[v].one_rank} | {
+FUNCTION_ONLY = {("llama-rslora-patterns", v) for v in ALL
+                 if LAYOUTS[v].one_rank or LAYOUTS[v].scale_policy is ScalePolicy.ALPHA_OVER_RANK} | {
     (f, v) for f in HOLDS for v in FIXED_SCALE}
-#: layouts that keep PEFT's whole adapter_config.json (so its bytes can come back)
-KEEPS_PEFT_CONFIG = {"peft", "native"}
+#: layouts that keep PEFT's whole adapter_config.json (so its bytes can come back; loralib and llmbook in
+#: lora_config.json)
+KEEPS_PEFT_CONFIG = {name for name, lay in LAYOUTS.items() if lay.keeps_peft_config}
 
 
 
 @pytest.fixture(scope="module")
 def no_base_id(tmp_path_factory) -> set[str]:
     """The layouts with nowhere to keep the base model id (base_model_name_or_path), found by writing
-    the llama-lora fixture in each and reading it back."""
+    the llama-lora fixture in each and reading it back. Without PEFT's README card: gguf takes the
+    base model from a model card (as convert_lora_to_gguf.py does), and lora-ckpt's own outputs have none."""
     root = tmp_path_factory.mktemp("base-id")
+    src = shutil.copytree(PEFT_FIX / "llama-lora", root / "src", ignore=shutil.ignore_patterns("README.md"))
     out = set()
     for name in ALL:
-        convert(PEFT_FIX / "llama-lora", root / name, to=name, base_config=P.hf_config_path("llama"))
+        convert(src, root / name, to=name, base_config=P.hf_config_path("llama"))
         if load_adapter(root / name, base_config=P.hf_config_path("llama")).meta.base_model is None:
             out.add(name)
     return out
@@ -263,18 +273,28 @@ def test_round_trip_a_b_a(tmp_path, sources, no_base_id, content, dtype, a, b):
         return
     assert blobs(weight_file(back, a)) == blobs(weight_file(src, a))  # every tensor, byte for byte
     assert rep.ok and rep.worst == 0.0 and rep.modules
-    if not LAYOUTS[a].pickle and a != "native":  # safetensors: the whole file, header included (native's
-        # header records the layout the adapter came from)
+    if not LAYOUTS[a].pickle and a not in ("native", "gguf"):  # safetensors: the whole file, header included
+        # (native's header records the layout the adapter came from, GGUF's KV the folder it was written from)
         assert weight_file(back, a).read_bytes() == weight_file(src, a).read_bytes()
-    # configs keep their meaning: PEFT's own reading of a PEFT config (B may not keep PEFT's 41 keys),
-    # every other JSON file (torchtune's config, params.json, lora_config.json, config.json) as is
+    # configs keep their meaning: a PEFT adapter_config.json (peft's, torchtune's) as PEFT reads it, and
+    # byte for byte where B keeps the PEFT config; every other JSON file (mlx's adapter_config.json,
+    # params.json, lora_config.json, config.json) as is, less the PEFT config copy B cannot keep
+    peft_config = a in KEEPS_PEFT_CONFIG and LAYOUTS[a].config_file == "adapter_config.json"
     for f in sorted(src.iterdir()):
         if f.suffix != ".json":
             continue
-        if a == "peft" and f.name == "adapter_config.json":
+        if peft_config and f.name == "adapter_config.json":
             x, y = semantic_peft_config(src), semantic_peft_config(back)
+            if b in KEEPS_PEFT_CONFIG:
+                assert (back / f.name).read_bytes() == f.read_bytes()
         else:
-            x, y = json.loads(f.read_text()), json.loads((back / f.name).read_text())
+            x = json.loads(f.read_text())
+            y = json.loads((back / f.name).read_text()) if (back / f.name).exists() or b in KEEPS_PEFT_CONFIG else {}
+        if b not in KEEPS_PEFT_CONFIG:  # only the base id of the PEFT config copy can come back
+            for d in (x, y):
+                base_id = (d.pop("peft_config", None) or {}).get("base_model_name_or_path")
+                if base_id:
+                    d.setdefault("base_model_name_or_path", base_id)
         if b in no_base_id:
             for key in BASE_ID_KEYS:
                 x.pop(key, None), y.pop(key, None)

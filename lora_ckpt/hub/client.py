@@ -149,8 +149,7 @@ def _needed_files(src: HubSource, tree: set[str], layout: str | None) -> tuple[l
     if not here:
         raise EntryNotFoundError(f"{src}: no file or folder {src.subdir!r} in the repo", repo_id=src.repo_id,
                                  path=src.subdir)
-    weights = [next(w for w in lay.weight_files if w in here) for lay in layouts
-               if any(w in here for w in lay.weight_files)]  # each layout's preferred file only
+    weights = [w for lay in layouts if (w := lay.weight_file_in(here))]  # each layout's preferred file only
     wanted = list(dict.fromkeys(weights + [c for c in configs if c in here]))
     if not weights and (layout or not any(c in here for c in MODEL_CONFIGS)):
         expected = [w for lay in layouts for w in lay.weight_files]

@@ -99,12 +99,16 @@ def _pickle_index(path: str) -> dict[str, TensorMeta]:
 
 def tensor_index(path: PathLike) -> dict[str, TensorMeta]:
     """Name -> shape and dtype of every tensor in a weight file, read without torch where the
-    format allows (safetensors headers; plain torch zip pickles), else via :func:`load_pickle`."""
+    format allows (safetensors and GGUF headers; plain torch zip pickles), else via :func:`load_pickle`."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         return {n: TensorMeta(t.shape, DTYPES[t.dtype][1]) for n, t in read_safetensors_header(path).tensors.items()}
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path}: no such file", path=path)
+    from .gguf import is_gguf, read_gguf_header
+
+    if is_gguf(path):  # llama.cpp's container: its own bounded header reader, never the unpickler
+        return {n: TensorMeta(t.shape, t.dtype) for n, t in read_gguf_header(path).tensors.items()}
     try:
         return _pickle_index(path)
     except _NeedTorch:

@@ -1,4 +1,5 @@
-"""Output: a file or directory appears complete or not at all (temp sibling, then rename); JSON in."""
+"""Output: a file or directory appears complete or not at all (temp sibling, then rename), with the
+permissions the process umask gives ordinary files (not the 0600/0700 of temp files); JSON in."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,50 @@ from typing import Any
 from ..errors import CheckpointNotFoundError, ConfigError, OutputExistsError, OutputPathError
 from .header import PathLike
 
-__all__ = ["atomic_output", "read_json"]
+__all__ = ["atomic_output", "ordinary_permissions", "process_umask", "read_json"]
 
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # set and restore: the only portable way to read it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(root: Path) -> None:
+    """Give ``root`` and everything under it the mode ``open()``/``mkdir()`` would have given under
+    the process umask (files 0666, directories 0777, less the umask): temp files and directories
+    (``mkstemp``, ``mkdtemp``, safetensors' own temp file) are created 0600/0700."""
+    mask = process_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if root.is_symlink() or not root.exists():
+        return
+    if root.is_file():
+        os.chmod(root, file_mode)
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, file_mode)
+        for name in dirnames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, dir_mode)
+    os.chmod(root, dir_mode)
 
 
 @contextlib.contextmanager
@@ -26,7 +69,8 @@ def atomic_output(path: PathLike, *, force: bool = False, is_dir: bool = True,
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
     Nothing that looks like a finished output ever exists before the rename; an exception
-    (or a kill) leaves at most a hidden ``.<name>.tmp-*`` sibling.
+    (or a kill) leaves at most a hidden ``.<name>.tmp-*`` sibling. What appears has the
+    permissions the umask gives ordinary files and directories (:func:`ordinary_permissions`).
 
     Raises:
         OutputExistsError: ``path`` exists and ``force`` is false.
@@ -59,6 +103,7 @@ def atomic_output(path: PathLike, *, force: bool = False, is_dir: bool = True,
             raise
         if is_dir and not target.exists():
             target.mkdir()
+        ordinary_permissions(target)
         if final.exists():  # force: replace
             if final.is_dir() and not final.is_symlink():
                 old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))

@@ -17,9 +17,10 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from ..adapter import Adapter
+from ..dtypes import DtypeLike, parse_dtype
 from ..errors import LoraCkptError
 from ..families import ModelConfig, load_model_config
 from ..io import PathLike, atomic_output
@@ -27,9 +28,6 @@ from .base import Layout
 from .registry import LAYOUTS, Detected, detect_layout, get_layout, layout_names
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, ScalePolicy
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["LAYOUTS", "BaseConfigResolver", "Detected", "Detection", "Layout", "ReadOptions", "ScalePolicy", "Source",
            "WriteOptions", "detect_layout", "get_layout", "layout_names", "load_adapter", "read_detected",
@@ -101,11 +99,12 @@ def read_detected(det: Detected, *, base_config: PathLike | ModelConfig | None =
 
 
 def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: PathLike | ModelConfig | None = None,
-                 force: bool = False, allow_lossy: bool = False, dtype: torch.dtype | None = None,
+                 force: bool = False, allow_lossy: bool = False, dtype: DtypeLike | None = None,
                  inputs: tuple[PathLike, ...] = (),
                  check: Callable[[Path, Adapter], None] | None = None,
                  experts: Literal["keep", "fused", "per-expert"] = "keep") -> Adapter:
-    """Write ``adapter`` as directory ``out`` in ``layout``, atomically (temp dir, then rename).
+    """Write ``adapter`` as directory ``out`` in ``layout``, atomically (temp dir, then rename); a
+    single-file layout (gguf) writes the file ``out`` when it ends in the layout's suffix.
 
     ``check(tmp_dir, written)`` runs before the final rename (``convert`` verifies there).
     Returns the adapter as written (ranks padded, scales folded, parts dropped as the layout
@@ -119,9 +118,10 @@ def save_adapter(adapter: Adapter, out: PathLike, *, layout: str, base_config: P
     """
     lay = get_layout(layout)
     cfg = _model_config(base_config)
-    with atomic_output(out, force=force, inputs=inputs) as tmp:
-        written = lay.write(adapter, tmp, WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=dtype,
-                                                        experts=experts))
+    single = lay.single_file is not None and os.fspath(out).endswith(lay.single_file)
+    with atomic_output(out, force=force, inputs=inputs, is_dir=not single) as tmp:
+        opts = WriteOptions(base_config=cfg, allow_lossy=allow_lossy, dtype=parse_dtype(dtype), experts=experts)
+        written = lay.write(adapter, tmp, opts)
         if check is not None:  # before the rename: a failed check leaves nothing behind
             check(tmp, written)
     logger.debug("wrote %s layout to %s", lay.name, os.fspath(out))

@@ -86,6 +86,10 @@ class Layout(LayoutSpec):
         return {name: self._module(src, name, parts)}
 
     # ------------------------------------------------------------------- locating
+    def weight_file_in(self, names: list[str]) -> str | None:
+        """This layout's weight file among the file ``names`` of a folder (the Hub picks files with it)."""
+        return next((w for w in self.weight_files if w in names), None)
+
     def locate(self, path: Path) -> Source | None:
         """The source files of this layout at ``path`` (a file or directory), if present."""
         if path.is_file():

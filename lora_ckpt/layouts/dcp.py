@@ -335,6 +335,7 @@ class DcpLayout(Layout):
     pickle = True  # chunks are torch.save blobs, not safetensors
     leaves = NativeLayout.leaves
     features = NativeLayout.features
+    keeps_peft_config = True  # source_config in its metadata, as native
 
     def locate(self, path: Path) -> Source | None:
         root = path.parent if path.is_file() and path.name == ".metadata" else path

@@ -30,6 +30,7 @@ class NativeLayout(Layout):
         "A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude", "bias": "lora_B.bias",
         "emb_A": "lora_embedding_A.weight", "emb_B": "lora_embedding_B.weight"}
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
+    keeps_peft_config = True
     expert_form = "stacked"  # <param>.lora_A (E, r, in), <param>.lora_B (E, out, r); scales in the header
 
     def _meta(self, src: Source) -> dict[str, Any] | None:

@@ -1,58 +1,42 @@
 """HF PEFT: ``adapter_model.safetensors`` (or ``.bin``) + ``adapter_config.json``, exactly as
-PEFT 0.21 writes them (formats.md §1)."""
+PEFT 0.21 writes them (formats.md §1). The config translation is :mod:`.peft_config`."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..adapter import Adapter, alpha_for
-from ..errors import ConfigError, LayoutError, MissingConfigError, quote_list
+from ..errors import ConfigError, LayoutError, MissingConfigError
 from ..experts import TRANSPOSED_MODEL_TYPES, ExpertLoRA, from_peft, peft_nesting, to_peft
-from ..families import parse_layer
-from ..keys import matches_target
 from .base import Layout
+from .peft_config import (
+    REQUIRED_FIELDS,
+    TARGET_FIELDS,
+    TENSOR_FIELDS,
+    config_fits,
+    module_scale,
+    new_config,
+    pattern_value,
+    saves_fit,
+    scales_fit,
+    source_peft_config,
+    target_modules,
+    targets_fit,
+    write_peft_config,
+)
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, Role
+
+__all__ = ["PEFT_LEAVES", "PeftLayout", "config_fits", "experts_fit", "module_scale", "new_config", "pattern_value",
+           "peft_config_for", "source_peft_config", "with_experts", "write_peft_config"]
 
 logger = logging.getLogger(__name__)
 
 PEFT_LEAVES: dict[Role, str] = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
                "bias": "lora_B.bias", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
-
-
-def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key``: the first key (in dict order) with
-    ``re.match(rf"(.*\\.)?({key})$", name)`` wins."""
-    if not isinstance(patterns, dict):
-        raise ConfigError(f"rank_pattern/alpha_pattern must be an object, found {type(patterns).__name__}")
-    for key, value in patterns.items():
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", name)
-        except re.error as e:
-            raise ConfigError(f"pattern {key!r} is not a valid regular expression ({e}); PEFT would fail too") from e
-        if hit:
-            return value
-    return default
-
-
-def module_scale(cfg: dict[str, Any], name: str) -> tuple[int, float]:
-    """(rank, scale) PEFT gives module ``name`` under config ``cfg``."""
-    r = pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8))
-    alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
-    if not _number(r) or int(r) != r or r <= 0 or not _number(alpha):
-        raise ConfigError(f"{name}: r={r!r} and lora_alpha={alpha!r}; expected a positive integer rank and a "
-                          "number; fix adapter_config.json")
-    return int(r), alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class PeftLayout(Layout):
@@ -65,6 +49,7 @@ class PeftLayout(Layout):
     scheme = "hf"
     leaves: ClassVar[dict[Role, str]] = PEFT_LEAVES
     features = frozenset({"dora", "bias", "embedding", "extra", "fan_in_fan_out"})
+    keeps_peft_config = True
     expert_form = "stacked"
 
     def detect(self, src: Source) -> Detection | None:
@@ -187,10 +172,7 @@ class PeftLayout(Layout):
 
     # ------------------------------------------------------------------ writing
     def write_config(self, adapter: Adapter, out: Path, opts: WriteOptions) -> None:
-        cfg = adapter.meta.config if adapter.meta.source_layout == "peft" else {}
-        if not (cfg and config_fits(cfg, adapter) and experts_fit(cfg, adapter)):
-            cfg = with_experts(new_config(adapter, opts), adapter, opts)
-        write_peft_config(cfg, out / self.config_file)
+        write_peft_config(peft_config_for(adapter, opts, layout=self.name), out / self.config_file)
 
 
 def _targeted_params(module: str, targets: list[str]) -> list[str]:
@@ -237,114 +219,38 @@ def with_experts(cfg: dict[str, Any], adapter: Adapter, opts: WriteOptions) -> d
     return cfg
 
 
-def write_peft_config(cfg: dict[str, Any], path: Path) -> None:
-    """As PEFT writes it: ``json.dumps(indent=2, sort_keys=True)``, no trailing newline."""
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-
-
-def config_fits(cfg: dict[str, Any], adapter: Adapter) -> bool:
-    """Whether ``cfg`` (an original PEFT config) still describes ``adapter`` exactly."""
-    if bool(cfg.get("use_dora")) != adapter.uses_dora or bool(cfg.get("lora_bias")) != adapter.uses_bias:
-        return False
-    targets = cfg.get("target_modules")
-    for name, m in adapter.modules.items():
-        if module_scale(cfg, name) != (m.rank, m.scale) or m.fan_in_fan_out != bool(cfg.get("fan_in_fan_out")):
-            return False
-        if targets is not None and targets != "all-linear" and not matches_target(name, targets):
-            return False
-    return set(cfg.get("modules_to_save") or []) == set(_modules_to_save(adapter))
-
-
-def _modules_to_save(adapter: Adapter) -> list[str]:
-    return sorted({k.rsplit(".", 1)[0] for k in adapter.extra if ".base_layer." not in k})
-
-
-def new_config(adapter: Adapter, opts: WriteOptions) -> dict[str, Any]:
-    """A PEFT config for ``adapter``: the most common rank/alpha globally, exact per-module
-    ``rank_pattern``/``alpha_pattern`` (full module names) for the others. Keys newer PEFT
-    versions added are written only when set, so older PEFT versions load it too."""
-    mods = adapter.modules
-    r = Counter(m.rank for m in mods.values()).most_common(1)[0][0] if mods else 8
-    alphas = {n: alpha_for(m.scale, m.rank) for n, m in mods.items()}
-    alpha = Counter(alphas.values()).most_common(1)[0][0] if mods else 8
-    rank_pattern = {n: m.rank for n, m in mods.items() if m.rank != r}
-    alpha_pattern = {n: a for n, a in alphas.items() if a != alpha}
-    src_cfg = adapter.meta.config or {}
-    layers = layer_subset(list(mods), opts)
-    cfg: dict[str, Any] = {
-        "alpha_pattern": alpha_pattern,
-        "base_model_name_or_path": adapter.meta.base_model or src_cfg.get("base_model_name_or_path"),
-        "bias": "none",
-        "fan_in_fan_out": any(m.fan_in_fan_out for m in mods.values()),
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_pattern": "layers" if layers is not None else None,
-        "layers_to_transform": layers,
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "modules_to_save": _modules_to_save(adapter) or None,
-        "peft_type": "LORA",
-        "r": r,
-        "rank_pattern": rank_pattern,
-        "revision": None,
-        "target_modules": (target_modules(list(mods), opts) if layers is None
-                           else sorted({n.rsplit(".", 1)[-1] for n in mods})),
-        "task_type": adapter.meta.task_type or "CAUSAL_LM",
-        "use_rslora": False,
-    }
-    if adapter.uses_dora:
-        cfg["use_dora"] = True
-    if adapter.uses_bias:
-        cfg["lora_bias"] = True
-    for key in {**rank_pattern, **alpha_pattern}:  # each full-name pattern must select only its module
-        if any(other != key and re.match(rf"(.*\.)?({key})$", other) for other in mods):
-            raise ConfigError(f"cannot express the rank/alpha of {key!r} with a PEFT pattern that selects only it")
+def peft_config_for(adapter: Adapter, opts: WriteOptions, *, layout: str, plain_scale: bool = False,
+                    ) -> dict[str, Any]:
+    """The adapter_config.json to write: the source's own config, as written, where it still
+    describes ``adapter``; only the fields that no longer fit are re-derived (:func:`new_config`),
+    each group with a note in ``adapter.meta.notes``; fields the source lacks are filled in.
+    ``plain_scale``: the layout reads ``lora_alpha / r`` itself (torchtune), so no rsLoRA."""
+    fresh = with_experts(new_config(adapter, opts), adapter, opts)
+    orig = source_peft_config(adapter)
+    if orig is None:
+        return fresh
+    cfg, redone = dict(orig), []
+    experts_ok = experts_fit(orig, adapter)  # the experts' form (fused / per-expert) is as the source had it
+    if not (experts_ok and scales_fit(orig, adapter)) or (plain_scale and orig.get("use_rslora")):
+        for k in (*TENSOR_FIELDS, "target_parameters"):
+            if k in fresh or k in cfg:
+                cfg[k] = fresh.get(k, None if k == "target_parameters" else False)
+        redone.append("r/lora_alpha/rank_pattern/alpha_pattern (ranks were padded or scales folded on the way)")
+    if not (experts_ok and targets_fit(cfg, adapter)):
+        for k in TARGET_FIELDS:
+            if k in fresh or k in cfg:
+                cfg[k] = fresh.get(k)
+        redone.append("target_modules/layers_to_transform (they no longer select exactly the adapted modules)")
+    if not saves_fit(cfg, adapter):
+        cfg["modules_to_save"] = fresh["modules_to_save"]
+        redone.append("modules_to_save (the full tensors kept are not the ones it names)")
+    if cfg.get("bias", "none") != "none" and not adapter.extra:
+        cfg["bias"] = "none"
+        redone.append("bias (no base biases were kept)")
+    for k in REQUIRED_FIELDS:
+        if cfg.get(k) is None and fresh.get(k) is not None and k not in orig:
+            cfg[k] = fresh[k]
+    if redone:
+        adapter.meta.notes.append(f"{layout} adapter_config.json: the source's config, but re-derived: "
+                                  + "; ".join(redone))
     return cfg
-
-
-def layer_subset(names: list[str], opts: WriteOptions) -> list[int] | None:
-    """The block indices, when every leaf type covers the same proper subset of the blocks (as
-    mlx-lm's "last N layers" does), for PEFT's ``layers_to_transform``; else None."""
-    by_leaf = _blocks_by_leaf(names)
-    if by_leaf is None:
-        return None
-    covered = {frozenset(v) for v in by_leaf.values()}
-    if len(covered) != 1 or len({rest.rsplit(".", 1)[-1] for rest in by_leaf}) != len(by_leaf):
-        return None
-    blocks = set(next(iter(covered)))
-    n_layers = opts.base_config.n_layers if opts.base_config is not None else None
-    if blocks == set(range(n_layers if n_layers is not None else max(blocks) + 1)):
-        return None  # every block: target_modules alone says it
-    return sorted(blocks)
-
-
-def target_modules(names: list[str], opts: WriteOptions, *, relative: bool = False) -> list[str]:
-    """Leaf names (``q_proj``; block-relative ``mlp.experts.gate_up_proj`` with ``relative``) when
-    every leaf type covers every layer, else the full names: PEFT then wraps exactly the modules
-    the file holds (no zero-B modules, no missing-key warnings)."""
-    by_leaf = _blocks_by_leaf(names)
-    if by_leaf is None or not names:
-        return sorted(names)
-    n_layers = opts.base_config.n_layers if opts.base_config is not None else None
-    covered = {frozenset(v) for v in by_leaf.values()}
-    leaves = sorted({rest.rsplit(".", 1)[-1] for rest in by_leaf})
-    blocks = next(iter(covered))
-    full_range = len(covered) == 1 and blocks == set(range(max(blocks) + 1))
-    if (full_range and (n_layers is None or max(blocks) + 1 == n_layers)
-            and len(leaves) == len(by_leaf)):
-        if n_layers is None:
-            logger.info("target_modules %s assumes the adapter covers every layer (pass --base-config to check)",
-                        quote_list(leaves, 7))
-        return sorted(by_leaf) if relative else leaves
-    return sorted(names)
-
-
-def _blocks_by_leaf(names: list[str]) -> dict[str, set[int]] | None:
-    """Block-relative path -> the blocks holding it; None if a module is outside the blocks."""
-    by_leaf: dict[str, set[int]] = {}
-    for n in names:
-        block = parse_layer(n)
-        if block is None:
-            return None
-        by_leaf.setdefault(block.rest, set()).add(block.number)
-    return by_leaf

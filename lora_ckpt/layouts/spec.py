@@ -26,6 +26,8 @@ class ScalePolicy(Enum):
     PER_MODULE = "per-module"  #: each module keeps its own scale (PEFT's patterns, native)
     GLOBAL = "global"  #: one scale (and one rank) for the whole adapter: ranks zero-padded, scales folded into B
     FIXED = "fixed"  #: the format's scale is the constant ``fixed_scale``: the scale is folded into B
+    #: one alpha, each module's scale alpha / its rank (llama.cpp): ranks kept, other scales folded into B
+    ALPHA_OVER_RANK = "alpha/rank"
 
 
 class Detection(NamedTuple):
@@ -61,6 +63,10 @@ class LayoutSpec:
     # how a fused module's LoRA is stored (lora_ckpt.fused): one shared A ("plain") or one A per part ("grouped")
     fused_lora: ClassVar[Literal["plain", "grouped"]] = "plain"
     legacy_names: ClassVar[dict[str, str]] = {}  # module template now -> older template accepted on read
+    single_file: ClassVar[str | None] = None  # an output path ending in this suffix is written as one file (gguf)
+    # the layout's files keep a PEFT adapter_config.json the adapter came with (task_type, target_modules as
+    # written, modules_to_save, ...); elsewhere a conversion back to PEFT re-derives it (and a note says so)
+    keeps_peft_config: ClassVar[bool] = False
     # how the layout holds LoRA on MoE experts (lora_ckpt.experts): fused 3-D "stacked" (PEFT target_parameters),
     # "per-expert" 2-D modules (experts.{e}.gate_proj ...), or "none" (refused, or dropped with allow_lossy)
     expert_form: ClassVar[Literal["stacked", "per-expert", "none"]] = "per-expert"

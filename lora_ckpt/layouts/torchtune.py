@@ -10,6 +10,7 @@ write a *correct* PEFT-keyed ``adapter_model.safetensors`` and a PEFT ``adapter_
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -17,7 +18,7 @@ from ..adapter import Adapter
 from ..errors import ConfigError, MissingConfigError
 from ..io import save_tensors
 from .base import Layout
-from .peft import PeftLayout, new_config, write_peft_config
+from .peft import PeftLayout, peft_config_for, write_peft_config
 from .source import ReadOptions, Source, WriteOptions
 from .spec import Detection, Role, ScalePolicy
 
@@ -36,6 +37,7 @@ class TorchtuneLayout(Layout):
     scale_policy = ScalePolicy.GLOBAL
     pickle = True
     every_layer = True  # torchtune's lora_attn_modules / apply_lora_to_mlp apply to all layers
+    keeps_peft_config = True  # adapter_config.json (read by PEFT consumers of the dir, not by torchtune)
 
     def detect(self, src: Source) -> Detection | None:
         keys = src.keys()
@@ -66,9 +68,15 @@ class TorchtuneLayout(Layout):
         adapter.meta.task_type = cfg.get("task_type")
 
     def write_config(self, adapter: Adapter, out: Path, opts: WriteOptions) -> None:
+        # the PEFT copy without the all-zero placement fillers torchtune needs: the adapter as PEFT had it,
+        # so its config (layers_to_transform, a target_modules regex) still fits and comes back as written
+        real = {n: m for n, m in adapter.modules.items()
+                if m.magnitude is not None or m.bias is not None or bool(m.A.any()) or bool(m.B.any())}
+        adapter = replace(adapter, modules=real or adapter.modules)
         peft = PeftLayout()
         save_tensors(peft.tensors_for(adapter, opts.base_config), out / peft.weight_files[0])
-        write_peft_config(new_config(adapter, opts), out / self.config_file)
+        # torchtune has no rsLoRA: lora_alpha / r is what its recipe (and our reader) takes from the file
+        write_peft_config(peft_config_for(adapter, opts, layout=self.name, plain_scale=True), out / self.config_file)
         cfg = opts.base_config
         if cfg is not None and "model_type" in cfg.raw:  # as torchtune's checkpointer copies it
             (out / "config.json").write_text(json.dumps(cfg.raw, indent=2, sort_keys=True) + "\n")
