@@ -338,7 +338,15 @@ def bench_forward(args: argparse.Namespace) -> int:
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(t, in_f, generator=gen).to(args.device, dtype).requires_grad_(True)
         gy = torch.randn(t, out_f, generator=gen).to(args.device, dtype)
-        outs = {n: m(x).detach().float() for n, m in layers.items()}
+        outs = {}
+        for n, m in list(layers.items()):  # one step each first: a variant that fails is reported, not fatal
+            try:
+                y = m(x)
+                y.backward(gy)
+                outs[n] = y.detach().float()
+            except RuntimeError as e:
+                skipped[n] = f"failed: {str(e).splitlines()[0][:70]}"
+                del layers[n]
         times = time_steps(layers, x, gy, rounds=rounds, iters=iters, warmup=warmup, cuda=cuda)
         med = {n: statistics.median(v) for n, v in times.items()}
         cells = [f"{med[v]:.3f}" if v in med else skipped.get(v, "-") for v in args.variants]
