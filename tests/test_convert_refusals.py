@@ -276,3 +276,21 @@ def test_inputs_unchanged(tmp_path):
                 pass
     assert n_ok > 40
     assert {str(d): tree_hash(d) for d in INPUTS} == before
+
+
+@pytest.mark.parametrize("to", [n for n, lay in LAYOUTS.items() if "fan_in_fan_out" not in lay.features
+                                and n in ("mlx", "loralib")])
+def test_conv1d_flag_refused_then_dropped_with_allow_lossy(tmp_path, to):
+    """A layout with no fan_in_fan_out flag refuses GPT-2 Conv1D modules naming the flag; --allow-lossy keeps the
+    factors (the update is the same (out, in) delta) without the flag, and the verification agrees."""
+    src = PEFT_FIX / "gpt2-lora"
+    cfg = P.FIX / "hf/gpt2/config.json"
+    with pytest.raises(LossyConversionError, match="fan_in_fan_out"):
+        convert(src, tmp_path / "refused", to=to, base_config=cfg)
+    assert not (tmp_path / "refused").exists()
+    convert(src, tmp_path / "out", to=to, base_config=cfg, allow_lossy=True)
+    ours, back = load_adapter(src), load_adapter(tmp_path / "out", layout=to, base_config=cfg, alpha=None)
+    assert set(back.modules) == set(ours.modules)
+    for name, m in ours.modules.items():
+        assert m.fan_in_fan_out and not back.modules[name].fan_in_fan_out
+        assert torch.allclose(back.modules[name].delta(), m.delta(), rtol=1e-6, atol=0)

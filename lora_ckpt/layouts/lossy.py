@@ -27,7 +27,9 @@ def lossy_parts(adapter: Adapter, features: frozenset[Feature]) -> list[str]:
     if adapter.extra and "extra" not in features:
         out.append("full tensors (modules_to_save / saved embeddings: " + quote_list(adapter.extra, 3) + ")")
     if any(m.fan_in_fan_out for m in adapter.modules.values()) and "fan_in_fan_out" not in features:
-        out.append("fan_in_fan_out (Conv1D) modules")
+        out.append("the fan_in_fan_out (Conv1D) flag of " + quote_list(
+            [n for n, m in adapter.modules.items() if m.fan_in_fan_out], 3)
+            + " (the factors are kept; a consumer whose model stores these weights (in, out) must set it itself)")
     return out
 
 
@@ -50,5 +52,6 @@ def drop_unsupported(adapter: Adapter, features: frozenset[Feature], *, layout: 
         if m.kind == "embedding" and "embedding" not in features:
             continue
         mods[n] = replace(m, magnitude=m.magnitude if "dora" in features else None,
-                          bias=m.bias if "bias" in features else None)
+                          bias=m.bias if "bias" in features else None,
+                          fan_in_fan_out=m.fan_in_fan_out and "fan_in_fan_out" in features)
     return replace(adapter, modules=mods, extra=adapter.extra if "extra" in features else {})
