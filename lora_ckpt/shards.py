@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .io import DTYPES
+from .io import DTYPES, byte_view
 
 __all__ = ["local_region", "read_local", "slice_local", "target_device", "wrap_local"]
 
@@ -62,7 +62,7 @@ def read_local(header: Any, key: str, like: torch.Tensor) -> torch.Tensor | None
     buf = torch.empty(shape, dtype=src_dtype)
     want = row * shape[0]
     if want:
-        view = _bytes_view(buf)
+        view = byte_view(buf)
         fd = os.open(header.path, os.O_RDONLY)
         try:
             got = 0
@@ -78,14 +78,6 @@ def read_local(header: Any, key: str, like: torch.Tensor) -> torch.Tensor | None
             os.close(fd)
     device = target_device(like)
     return buf if buf.dtype == like.dtype and device.type == "cpu" else buf.to(device=device, dtype=like.dtype)
-
-
-def _bytes_view(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (no numpy needed)."""
-    import ctypes
-
-    n = t.numel() * t.element_size()
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def wrap_local(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

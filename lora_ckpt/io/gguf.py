@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
+from .writing import byte_view
 
 if TYPE_CHECKING:
     import torch
@@ -303,7 +304,6 @@ def write_gguf(path: str | os.PathLike[str], kv: KV, tensors: list[TensorEntry])
     file (an unchanged factor of the source) is copied file to file by the kernel (``copy_file_range``,
     as ``shutil.copyfile`` does); the rest is written from memory. Returns the file size."""
     import bisect
-    import ctypes
 
     head, _ = header_bytes(kv, [(n, s, t, b) for n, s, t, b, _ in tensors])
     maps = _file_mappings() if hasattr(os, "copy_file_range") else []
@@ -326,7 +326,7 @@ def write_gguf(path: str | os.PathLike[str], kv: KV, tensors: list[TensorEntry])
                         sources[src] = os.open(src, os.O_RDONLY)
                     _copy_range(sources[src], fd, nbytes, offset + ptr - lo)
                 elif nbytes:
-                    _write_all(fd, memoryview((ctypes.c_char * nbytes).from_address(ptr)).cast("B"))
+                    _write_all(fd, byte_view(data)[:nbytes])
             _write_all(fd, b"\x00" * (-nbytes % DEFAULT_ALIGNMENT))
         return os.lseek(fd, 0, os.SEEK_CUR)
     finally:
