@@ -25,7 +25,7 @@ from .errors import VerificationError, quote_list
 from .experts import per_expert_view
 from .families import ModelConfig
 from .hub.client import fetch_model_config
-from .io import PathLike, release_file_pages
+from .io import PageBatch, PathLike
 from .layouts import detect_layout, get_layout, load_adapter, save_adapter
 
 __all__ = ["ConvertResult", "VerifyReport", "compare_adapters", "convert", "verify", "write_verified"]
@@ -33,7 +33,6 @@ __all__ = ["ConvertResult", "VerifyReport", "compare_adapters", "convert", "veri
 logger = logging.getLogger(__name__)
 
 EXPLICIT_LIMIT = 1 << 22  # out*in up to 4M elements: compare ΔW explicitly
-RELEASE_BYTES = 1 << 26  # verification releases mapped pages every 64 MB of compared factors
 
 
 @dataclass
@@ -258,16 +257,16 @@ def write_verified(adapter: Adapter, out: PathLike, *, to: str, base_config: Pat
     """
     reports: list[VerifyReport] = []
 
-    pending: list[torch.Tensor] = []
+    batch = PageBatch()  # one /proc/self/maps read per 64 MB: per-expert views are thousands of small modules
 
     def release(*mods: Any, flush: bool = False) -> None:
-        """Memory-mapped pages leave RSS once modules are done, in batches of RELEASE_BYTES (one
-        /proc/self/maps read per batch: per-expert views of MoE adapters are thousands of small modules)."""
-        pending.extend(t for m in mods for t in (m.A, m.B, getattr(m, "magnitude", None), getattr(m, "bias", None))
-                       if t is not None)
-        if flush or sum(t.numel() * t.element_size() for t in pending) >= RELEASE_BYTES:
-            release_file_pages(pending)
-            pending.clear()
+        """Memory-mapped pages leave RSS once modules are done (compared), in batches."""
+        for m in mods:
+            for t in (m.A, m.B, getattr(m, "magnitude", None), getattr(m, "bias", None)):
+                if t is not None:
+                    batch.add(t)
+        if flush:
+            batch.flush()
 
     def check(tmp: Path, written: Adapter) -> None:
         release(*adapter.modules.values(), *adapter.experts.values(), flush=True)  # the write touched every page
