@@ -118,14 +118,7 @@ def load_checkpoint(model: nn.Module, source: PathLike, *, strict: bool = True) 
     if ties:
         missing = _load_ties(model, ties, state, missing, assign=assign, source=source)
     if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) of the model: {quote_list(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {quote_list(unexpected)}")
-        raise KeyMismatchError(
-            f"{source}: checkpoint does not fit {type(model).__name__}: {'; '.join(parts)}; check that it is "
-            "this model's checkpoint, or pass strict=False", missing=missing, unexpected=unexpected)
+        raise KeyMismatchError.for_load(source, type(model).__name__, missing=missing, unexpected=unexpected)
     _refuse_meta(model, source, missing)
     logger.debug("loaded %d tensors from %s (assign=%s)", len(state), source, assign)
     return LoadResult(missing, unexpected)

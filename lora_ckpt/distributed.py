@@ -148,14 +148,7 @@ def _check_shapes(model_state: Mapping[str, Any], plan: KeyPlan, shapes: Mapping
 
 
 def _raise_mismatch(source: PathLike, model: nn.Module, missing: list[str], unexpected: list[str]) -> None:
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)} key(s) of the model: {quote_list(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {quote_list(unexpected)}")
-    raise KeyMismatchError(
-        f"{source}: checkpoint does not fit {type(model).__name__}: {'; '.join(parts)}; check that it is this "
-        "model's checkpoint, or pass strict=False", missing=missing, unexpected=unexpected)
+    raise KeyMismatchError.for_load(source, type(model).__name__, missing=missing, unexpected=unexpected)
 
 
 def _file_keys(path: Path) -> dict[str, tuple[int, ...]]:

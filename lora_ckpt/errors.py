@@ -164,6 +164,18 @@ class KeyMismatchError(StateDictError):
         self.missing = missing
         self.unexpected = unexpected
 
+    @classmethod
+    def for_load(cls, source: object, model_name: str, *, missing: list[str],
+                 unexpected: list[str]) -> KeyMismatchError:
+        """The strict-load error of ``load_checkpoint`` (one process or sharded: the same message)."""
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) of the model: {quote_list(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {quote_list(unexpected)}")
+        return cls(f"{source}: checkpoint does not fit {model_name}: {'; '.join(parts)}; check that it is this "
+                   "model's checkpoint, or pass strict=False", missing=missing, unexpected=unexpected)
+
 
 class MergedLayerError(LoraCkptError, RuntimeError):
     """An operation that is wrong on a merged LoRA layer (or on an unmerged one)."""
