@@ -51,7 +51,8 @@ from .io import (
 )
 from .keys import ADAPTER_PARAMS, ALIASES
 from .layer import LoRALinear, draw_lora_A
-from .shards import local_region, read_local, slice_local, target_device, wrap_local
+from .nf4 import NF4Linear
+from .shards import local_region, nf4_local, read_local, slice_local, target_device, wrap_local
 
 __all__ = ["KeyPlan", "any_rank", "distribute_adapter", "full_adapter_tensors", "is_sharded", "load_sharded",
            "map_keys", "model_state_dict", "on_rank0"]
@@ -163,7 +164,8 @@ def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> 
     them at ``fully_shard``: build the model in the dtype you train in). No collective is involved.
     Fresh adapters come from each layer's seed and name (``inject_lora(seed=...)``), drawn on the
     full shape. A rank's rows are read with ``preadv`` of exactly their bytes where they are one
-    byte range (FSDP2's dim-0 shards), else sliced from the memory map.
+    byte range (FSDP2's dim-0 shards), else sliced from the memory map. An NF4 weight (``NF4Linear``)
+    is read whole and quantized whole, and the rank keeps its chunk (:func:`lora_ckpt.shards.nf4_local`).
 
     Args:
         model: the sharded model (parameters are DTensors; unsharded ones are loaded whole).
@@ -199,6 +201,7 @@ def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> 
     if strict and (plan.missing or plan.unexpected):
         _raise_mismatch(source, model, plan.missing, plan.unexpected)
     layers = _lora_layers(model)
+    nf4 = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     loaded: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for mkey, ckey in plan.source.items():
@@ -210,6 +213,10 @@ def load_sharded(model: nn.Module, source: PathLike, *, strict: bool = True) -> 
         header = read_safetensors_header(path) if path.suffix == ".safetensors" else None
         tensors = None
         for mkey in wanted:
+            if mkey in nf4:  # NF4 quantizes the full tensor, then keeps this rank's chunk
+                tensors = tensors if tensors is not None else load_tensors(path)
+                loaded[mkey] = wrap_local(nf4_local(tensors[plan.source[mkey]], nf4[mkey], key=mkey), nf4[mkey])
+                continue
             like = state[mkey]
             local = read_local(header, plan.source[mkey], like) if header is not None else None
             if local is None:  # a pickle, or not one byte range per rank: slice the memory map

@@ -399,8 +399,8 @@ class NF4Linear(nn.Module):
         key = prefix + "weight"
         t = state_dict.get(key)
         assign = bool(local_metadata.get("assign_to_params_buffers"))
-        if isinstance(t, torch.Tensor) and not is_nf4(t) and t.shape == self.weight.shape \
-                and (assign or not self.weight.is_meta):
+        if isinstance(t, torch.Tensor) and not is_nf4(t.to_local() if hasattr(t, "to_local") else t) \
+                and t.shape == self.weight.shape and (assign or not self.weight.is_meta):
             # state_dict is load_state_dict's own copy: replacing the entry never touches the caller's dict
             if assign:
                 state_dict[key] = quantize_nf4(t, key=key)

@@ -11,7 +11,7 @@ import torch
 
 from .io import DTYPES, byte_view
 
-__all__ = ["local_region", "read_local", "slice_local", "target_device", "wrap_local"]
+__all__ = ["local_region", "nf4_local", "read_local", "slice_local", "target_device", "wrap_local"]
 
 
 def local_region(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -86,4 +86,34 @@ def wrap_local(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if isinstance(like, DTensor):
         return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
                                   shape=like.shape, stride=like.stride())
+    return local
+
+
+def nf4_local(full: torch.Tensor, like: torch.Tensor, *, key: str) -> torch.Tensor:
+    """This rank's piece of NF4 parameter ``like`` from the FULL float tensor ``full``, as torchtune loads NF4
+    under FSDP2: the whole tensor is quantized (NF4's double quantization centres the block scales on
+    their per-tensor mean, so a quantized slice would give other bytes), then ``torch.chunk``-ed along
+    dim 0 and this rank's chunk copied (1-D meshes: ``Shard(0)`` or ``Replicate``).
+
+    Raises:
+        UsageError: ``like`` is sharded another way (a 2-D mesh, or a dim other than 0).
+        QuantizationError: NF4 cannot block the tensor.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from .nf4 import quantize_nf4, releasing_file_pages
+
+    with releasing_file_pages():  # the mapped pages leave RSS chunk by chunk as they are quantized
+        whole = quantize_nf4(full, dtype=like.dtype, device=target_device(like), key=key)
+    if not isinstance(like, DTensor) or like.placements == (Replicate(),):
+        return whole
+    if like.device_mesh.ndim != 1 or like.placements != (Shard(0),):
+        from .errors import UsageError
+
+        raise UsageError(f"{key}: an NF4 weight sharded as {like.placements} on a {like.device_mesh.ndim}-D mesh; "
+                         "expected Shard(0) on a 1-D mesh (fully_shard's default)")
+    mesh = like.device_mesh
+    piece = torch.chunk(whole, mesh.size(), dim=0)[mesh.get_local_rank()]
+    local = piece.new_zeros(piece.size())  # its own storage, so the full NF4 tensor is freed; not piece.clone():
+    local.copy_(piece)  # torchao's clone re-quantizes the chunk (its own scaler mean: other bytes)
     return local

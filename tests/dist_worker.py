@@ -47,6 +47,26 @@ def empty_lora_model(seed: int = 0):
     return model
 
 
+def nf4_config():
+    """NF4 blocks 64 elements under 256 scales: a q/v weight of 256x256 is 4 scaler groups (2 per rank)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=67, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def empty_nf4_model():
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    from lora_ckpt import inject_lora
+
+    with init_empty_weights():
+        model = LlamaForCausalLM(nf4_config())
+    inject_lora(model, targets=["q_proj", "v_proj"], r=R, alpha=ALPHA, quantize_base=True)
+    return model
+
+
 def shard(model, mesh):
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -255,6 +275,38 @@ def main() -> None:
         return not bad and len(full_adapter) == 28, f"differ: {bad[:4]}"
 
     check("dcp_load", dcp_in)
+
+    def nf4_load():  # NF4 bases under FSDP2: full-tensor quantization, this rank's chunk (torchtune's rule)
+        from lora_ckpt.nf4 import NF4Linear, dequantize
+
+        ref = empty_nf4_model()
+        load_checkpoint(ref, work / "nf4_stock.safetensors")
+        model = shard(empty_nf4_model(), mesh)
+        res = load_checkpoint(model, work / "nf4_stock.safetensors")
+        bad, n = [], 0
+        for name, m in model.named_modules():
+            if isinstance(m, NF4Linear):
+                n += 1
+                w = m.weight
+                one = ref.get_submodule(name).weight
+                if not (isinstance(w, DTensor) and type(w.to_local()).__name__ == "NF4Tensor"):
+                    bad.append(f"{name}: {type(w).__name__} of {type(getattr(w, '_local_tensor', w)).__name__}")
+                    continue
+                ours, theirs = dequantize(w.full_tensor(), w.dtype), dequantize(one, one.dtype)
+                if not torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8)):
+                    bad.append(f"{name}: dequantized full tensor differs")
+                chunk = torch.chunk(one, world, dim=0)[rank]
+                local = w.to_local()
+                for attr in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean"):
+                    if not torch.equal(getattr(local, attr), getattr(chunk, attr)):
+                        bad.append(f"{name}: local {attr} differs from the single-process chunk")
+        tokens = TOKENS % 67
+        with torch.no_grad():
+            diff = (model(tokens).logits - ref(tokens).logits).abs().max().item()
+        return (not bad and n == 2 and diff == 0.0 and not res.missing and not res.unexpected,
+                f"{n} NF4 layers; {bad[:4]}; logits diff {diff}; missing {res.missing[:3]}")
+
+    check("nf4_load", nf4_load)
 
     (work / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()

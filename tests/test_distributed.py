@@ -52,11 +52,16 @@ def _write_sharded(state: dict, out: Path) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Inputs, one 2-process launch, and each rank's results."""
+    from transformers import LlamaForCausalLM
+
     from lora_ckpt import convert
 
     work = tmp_path_factory.mktemp("dist")
     state = _stock_model().state_dict()
     _write_sharded(state, work / "stock")
+    torch.manual_seed(0)
+    nf4_state = LlamaForCausalLM(W.nf4_config()).state_dict()
+    save_file({k: v.contiguous() for k, v in nf4_state.items()}, work / "nf4_stock.safetensors")
     save_file({k: v.contiguous() for k, v in state.items() if k != "model.norm.weight"},
               work / "missing_key.safetensors")
     # a real PEFT adapter, converted by lora-ckpt to DCP: a sharded run dcp.load()s it
@@ -98,7 +103,7 @@ def _assert_check(ranks, name):
 
 
 @pytest.mark.parametrize("name", ["sharded_load", "adapters_world_size", "adamw_step", "distribute_adapter",
-                                  "set_model_state_dict", "dcp_load"])
+                                  "set_model_state_dict", "dcp_load", "nf4_load"])
 def test_sharded_run_equals_single_process(run, name):
     """sharded load == single-process (every parameter bitwise, logits); 1- vs 2-rank adapters; one AdamW
     step under FSDP2 == the same step in one process (<= 1e-6); apply_adapter rows; the
