@@ -303,8 +303,14 @@ def main() -> None:
         tokens = TOKENS % 67
         with torch.no_grad():
             diff = (model(tokens).logits - ref(tokens).logits).abs().max().item()
-        return (not bad and n == 2 and diff == 0.0 and not res.missing and not res.unexpected,
-                f"{n} NF4 layers; {bad[:4]}; logits diff {diff}; missing {res.missing[:3]}")
+        # backward through the all-gathered NF4 bases: same tokens on both ranks, so FSDP's mean is one process's
+        ref(tokens, labels=tokens).loss.backward()
+        model(tokens, labels=tokens).loss.backward()
+        grads = [(p.grad.full_tensor() - ref.get_parameter(k).grad).abs().max().item()
+                 for k, p in model.named_parameters() if "lora_" in k]
+        return (not bad and n == 2 and diff == 0.0 and not res.missing and not res.unexpected and len(grads) == 4
+                and max(grads) <= 1e-6,
+                f"{n} NF4 layers; {bad[:4]}; logits diff {diff}; lora grad diffs {grads}; missing {res.missing[:3]}")
 
     check("nf4_load", nf4_load)
 

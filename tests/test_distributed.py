@@ -107,7 +107,8 @@ def _assert_check(ranks, name):
 def test_sharded_run_equals_single_process(run, name):
     """sharded load == single-process (every parameter bitwise, logits); 1- vs 2-rank adapters; one AdamW
     step under FSDP2 == the same step in one process (<= 1e-6); apply_adapter rows; the
-    set_model_state_dict helper; a --to dcp adapter dcp.load()ed by the sharded model."""
+    set_model_state_dict helper; a --to dcp adapter dcp.load()ed by the sharded model; NF4 bases (q/v) loaded
+    sharded == one process's quantized load (full NF4 tensors, this rank's chunk's bytes, logits, LoRA grads)."""
     _assert_check(run[1], name)
 
 
